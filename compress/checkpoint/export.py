@@ -1,0 +1,133 @@
+"""Writing a checkpoint: all or nothing.
+
+Everything is written into a fresh temporary directory beside the destination, then renamed into
+place. An interrupted export leaves at most a ``.tmp-*`` directory behind and never touches an
+existing checkpoint; replacing one needs ``overwrite=True`` and happens by two renames, so the
+old checkpoint is intact until the new one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..errors import CheckpointError
+from ..quant.grid import num_groups
+from ..quant.linear import QuantLinear
+from .compressed_tensors import quantization_config
+from .safetensors_io import DEFAULT_SHARD_BYTES, write_state_dict
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors to write: the model's state dict without the duplicate of tied weights."""
+    state = model.state_dict()
+    if any(t.is_meta for t in state.values()):                 # accelerate-offloaded: onload module by module
+        from accelerate.utils.modeling import get_state_dict_offloaded_model
+        state = get_state_dict_offloaded_model(model)
+    seen: dict[tuple, str] = {}
+    out = {}
+    for key, tensor in state.items():
+        ident = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.device)
+        if tensor.numel() and ident in seen:
+            continue                                   # tied: stored once, re-tied at load
+        seen[ident] = key
+        out[key] = tensor
+    meta = [k for k, t in out.items() if t.is_meta]
+    if meta:
+        raise CheckpointError(f"cannot export: {meta[:3]} have no data (meta device); the model was loaded "
+                              f"without these weights")
+    return out
+
+
+def _check_destination(path: Path, overwrite: bool) -> None:
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise CheckpointError(f"{path} exists and is a file; choose another output directory")
+    if any(path.iterdir()):
+        if not overwrite:
+            raise CheckpointError(f"{path} already exists and is not empty; pass overwrite=True "
+                                  f"(--overwrite) to replace it, or choose another output directory")
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path} is not empty and holds no config.json, so it is not a checkpoint; "
+                                  f"refusing to replace it, choose another output directory")
+
+
+def export(model: nn.Module, tokenizer, path: str | Path, *, overwrite: bool = False,
+           max_shard_bytes: int = DEFAULT_SHARD_BYTES, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``model`` (and ``tokenizer``) as a checkpoint directory at ``path``.
+
+    Quantized models are written in the compressed-tensors pack-quantized format, which
+    transformers (with compressed-tensors installed) and vLLM load without compress; dense models
+    as a plain transformers checkpoint.
+    """
+    path = Path(path).expanduser().resolve()
+    _check_destination(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _warn_partial_groups(model)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        state = checkpoint_state_dict(model)
+        meta = {"compress_version": __version__, **(metadata or {})}
+        write_state_dict(state, tmp, metadata=meta, max_shard_bytes=max_shard_bytes)
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        if not config.get("architectures"):
+            config["architectures"] = [type(model).__name__]    # vLLM picks the model class from this
+        qc = quantization_config(model)
+        if qc is not None:
+            config["quantization_config"] = qc
+        config["dtype"] = str(_float_dtype(model)).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        generation = getattr(model, "generation_config", None)
+        if generation is not None:
+            generation.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        _move_into_place(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported %s", path)
+    return path
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _move_into_place(tmp: Path, path: Path) -> None:
+    if not path.exists():
+        tmp.rename(path)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+    old.rmdir()
+    path.rename(old)
+    try:
+        tmp.rename(path)
+    except BaseException:
+        old.rename(path)                               # put the previous checkpoint back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _warn_partial_groups(model: nn.Module) -> None:
+    partial = [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.group_size
+               and m.in_features % m.group_size]
+    if partial:
+        m = model.get_submodule(partial[0])
+        log.warning("%d layers (e.g. %s: in_features %d, group_size %d, %d groups) end in a partial group: "
+                    "compress loads this checkpoint; compressed-tensors 0.20 / transformers refuse it",
+                    len(partial), partial[0], m.in_features, m.group_size, num_groups(m.in_features, m.group_size))

@@ -1,0 +1,119 @@
+"""What a checkpoint holds, read from its config and safetensors headers (no tensor data)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from safetensors import safe_open
+
+from ..errors import CheckpointError, MissingPathError
+from .safetensors_io import check_directory, directory_bytes, read_header
+
+
+def inspect_checkpoint(path: str | Path) -> dict:
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise MissingPathError(f"no checkpoint directory at {path}")
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{path} has no config.json; not a checkpoint directory")
+    config = json.loads(config_path.read_text())
+    files = check_directory(path)
+    tensors: dict[str, dict] = {}
+    for f in files:
+        tensors.update({k: v for k, v in read_header(f).items() if k != "__metadata__"})
+    weight_bytes = sum(f.stat().st_size for f in files)
+    qc = config.get("quantization_config") or {}
+    info = {
+        "path": str(path),
+        "model_type": config.get("model_type"),
+        "architectures": config.get("architectures"),
+        "format": qc.get("format") or ("dense" if not qc else qc.get("quant_method")),
+        "quant_method": qc.get("quant_method"),
+        "dtype": config.get("dtype") or config.get("torch_dtype"),
+        "files": [f.name for f in files],
+        "tensors": len(tensors),
+        "weights_bytes": weight_bytes,
+        "disk_bytes": directory_bytes(path),
+        "schemes": [],
+        "ignore": qc.get("ignore", []),
+    }
+    packed = {k[: -len(".weight_packed")]: v for k, v in tensors.items() if k.endswith(".weight_packed")}
+    params = 0
+    for key, v in tensors.items():
+        if key.endswith((".weight_scale", ".weight_zero_point", ".weight_shape", ".weight_packed")):
+            continue
+        params += math.prod(v["shape"])
+    quant_params = 0
+    partial = 0
+    for group in (qc.get("config_groups") or {}).values():
+        w = group.get("weights") or {}
+        info["schemes"].append({
+            "targets": group.get("targets"), "bits": w.get("num_bits"), "type": w.get("type"),
+            "strategy": w.get("strategy"), "group_size": w.get("group_size"), "symmetric": w.get("symmetric"),
+            "actorder": w.get("actorder"), "observer": w.get("observer")})
+    shapes = _weight_shapes(files)
+    for module in packed:
+        out_features, in_features = shapes[module]
+        quant_params += out_features * in_features
+        scheme = _scheme_for(module, info["schemes"])
+        if scheme.get("group_size") and in_features % scheme["group_size"]:
+            partial += 1
+    info["quantized_modules"] = len(packed)
+    info["partial_group_modules"] = partial
+    info["parameters"] = params + quant_params
+    info["quantized_parameters"] = quant_params
+    info["bits_per_quantized_weight"] = (
+        8 * sum(math.prod(tensors[f"{m}.{s}"]["shape"]) * _width(tensors[f"{m}.{s}"]["dtype"])
+                for m in packed for s in ("weight_packed", "weight_scale", "weight_zero_point")
+                if f"{m}.{s}" in tensors) / quant_params if quant_params else None)
+    return info
+
+
+def _weight_shapes(files) -> dict[str, tuple[int, int]]:
+    """module -> dense (out, in) from the tiny ``weight_shape`` tensors."""
+    shapes = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for key in fh.keys():
+                if key.endswith(".weight_shape"):
+                    out_features, in_features = (int(v) for v in fh.get_tensor(key).tolist())
+                    shapes[key[: -len(".weight_shape")]] = (out_features, in_features)
+    return shapes
+
+
+def _scheme_for(module: str, schemes: list[dict]) -> dict:
+    for s in schemes:
+        if module in (s["targets"] or []):
+            return s
+    return next((s for s in schemes if "Linear" in (s["targets"] or [])), {})
+
+
+def _width(dtype: str) -> int:
+    return {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I64": 8, "U8": 1, "I8": 1, "F8_E4M3": 1}.get(dtype, 4)
+
+
+def format_inspection(info: dict) -> str:
+    lines = [f"{info['path']}",
+             f"  model      {info['model_type']} {info['architectures']}",
+             f"  format     {info['format']}  (dtype {info['dtype']})",
+             f"  size       {info['weights_bytes'] / 2**20:.1f} MiB weights, {info['disk_bytes'] / 2**20:.1f} MiB on disk"
+             f" in {len(info['files'])} file(s), {info['tensors']} tensors",
+             f"  parameters {info['parameters']:,} ({info['quantized_parameters']:,} quantized in "
+             f"{info['quantized_modules']} modules)"]
+    for s in info["schemes"]:
+        group = "per channel" if s["strategy"] == "channel" else f"group {s['group_size']}"
+        kind = "symmetric" if s["symmetric"] else "asymmetric"
+        lines.append(f"  scheme     {s['type']}{s['bits']} {group} {kind}, actorder={s['actorder']}, "
+                     f"observer={s['observer']}, targets={s['targets']}")
+    if info["bits_per_quantized_weight"]:
+        lines.append(f"  bits       {info['bits_per_quantized_weight']:.3f} per quantized weight (codes + scales"
+                     f" + zero points)")
+    if info["ignore"]:
+        lines.append(f"  dense      {', '.join(info['ignore'])}")
+    if info["partial_group_modules"]:
+        lines.append(f"  note       {info['partial_group_modules']} modules end in a partial group: loads in "
+                     f"compress; compressed-tensors/transformers refuse it")
+    return "\n".join(lines)

@@ -1,0 +1,152 @@
+"""The ``compress`` command line: quantize, eval, run, inspect.
+
+``compress quantize`` builds a one-pass recipe from its flags and runs it like ``compress run``,
+so both print the same per-stage table and write the same report.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .checkpoint.inspect import format_inspection, inspect_checkpoint
+from .errors import CompressError
+from .evaluation import evaluate
+from .loading import load_model
+from .quant.config import GPTQConfig, RTNConfig
+from .recipe import CalibrationSection, EvaluationSection, ExportSection, Recipe, load_recipe, run_recipe
+
+log = logging.getLogger("compress")
+
+_METHODS = {"gptq": GPTQConfig, "rtn": RTNConfig}
+
+
+def _group_size(text: str) -> int | None:
+    if text.lower() in ("channel", "none", "-1", "0"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--group-size takes an integer or 'channel', got {text!r}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="compress", description="Compress Hugging Face causal LMs.")
+    p.add_argument("--version", action="version", version=f"compress {__version__}")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model's weights and export a checkpoint")
+    q.add_argument("model", help="checkpoint directory, .gguf file, package:PKG/FILE or hub id")
+    q.add_argument("--method", choices=sorted(_METHODS), default="gptq")
+    q.add_argument("--bits", type=int, default=4)
+    q.add_argument("--group-size", type=_group_size, default=128, help="columns per scale, or 'channel'")
+    q.add_argument("--asymmetric", action="store_true", help="integer zero point per group")
+    q.add_argument("--observer", choices=["minmax", "mse"], help="scale choice (default: gptq mse, rtn minmax)")
+    q.add_argument("--no-act-order", action="store_true", help="GPTQ: natural column order")
+    q.add_argument("--damp", type=float, default=0.01, help="GPTQ: Hessian damping (fraction of mean diagonal)")
+    q.add_argument("--partial-groups", action="store_true",
+                   help="allow a narrower last group when group size does not divide in_features")
+    q.add_argument("--ignore", nargs="*", default=["lm_head"], help="module name patterns left dense")
+    q.add_argument("--calib", help="calibration text file or hub dataset NAME[:CONFIG][@SPLIT] (GPTQ)")
+    q.add_argument("--calib-samples", type=int, default=128)
+    q.add_argument("--seqlen", type=int, default=512)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--batch-size", type=int, help="calibration samples per forward chunk (default: fit memory)")
+    q.add_argument("--eval", dest="eval_data", help="evaluate perplexity on this text before and after")
+    q.add_argument("--max-windows", type=int, default=None)
+    q.add_argument("--dtype", default="auto")
+    q.add_argument("--device", default=None, help="compute device for calibration (default: cuda if present)")
+    q.add_argument("--output", "-o", required=True)
+    q.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --output")
+
+    e = sub.add_parser("eval", help="perplexity of a model or checkpoint on a text")
+    e.add_argument("model")
+    e.add_argument("--data", required=True, help="text file or hub dataset NAME[:CONFIG][@SPLIT]")
+    e.add_argument("--seqlen", type=int, default=512)
+    e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--dtype", default="auto")
+    e.add_argument("--device", default=None)
+    e.add_argument("--sample", metavar="PROMPT", help="also print a short greedy continuation of PROMPT")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+
+    r = sub.add_parser("run", help="run a YAML recipe")
+    r.add_argument("recipe")
+    r.add_argument("--output", "-o", help="export directory (overrides the recipe's export.output)")
+    r.add_argument("--overwrite", action="store_true", default=None)
+
+    i = sub.add_parser("inspect", help="what a checkpoint holds: format, bits, groups, size")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _COMMANDS[args.command](args)
+    except CompressError as exc:
+        print(f"compress {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _quantize(args) -> int:
+    kwargs = dict(bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric,
+                  partial_groups=args.partial_groups, ignore=list(args.ignore))
+    if args.observer:
+        kwargs["observer"] = args.observer
+    if args.method == "gptq":
+        kwargs.update(act_order=not args.no_act_order, damp=args.damp)
+        if not args.calib:
+            print("compress quantize: error: --method gptq needs --calib FILE (calibration text)", file=sys.stderr)
+            return 2
+    cfg = _METHODS[args.method](**kwargs)
+    recipe = Recipe(model=args.model, dtype=args.dtype, device=args.device, passes=[cfg],
+                    calibration=CalibrationSection(args.calib, args.calib_samples, args.seqlen, args.seed,
+                                                   batch_size=args.batch_size) if args.calib else None,
+                    evaluation=EvaluationSection(args.eval_data, args.seqlen, args.max_windows)
+                    if args.eval_data else None,
+                    export=ExportSection(args.output, overwrite=args.overwrite))
+    run_recipe(recipe, progress=not args.quiet)
+    return 0
+
+
+def _eval(args) -> int:
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    result = evaluate(model, tok, args.data, seqlen=args.seqlen, max_windows=args.max_windows,
+                      batch_size=args.batch_size, sample_prompt=args.sample, progress=not (args.quiet or args.json))
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens in {result.windows} windows "
+              f"of {result.seqlen} ({result.seconds:.1f} s) on {result.source}")
+        if result.sample is not None:
+            print(f"sample: {args.sample!r} -> {result.sample!r}")
+    return 0
+
+
+def _run(args) -> int:
+    recipe = load_recipe(args.recipe)
+    run_recipe(recipe, output=Path(args.output) if args.output else None, overwrite=args.overwrite,
+               progress=not args.quiet)
+    return 0
+
+
+def _inspect(args) -> int:
+    info = inspect_checkpoint(args.path)
+    print(json.dumps(info, indent=2) if args.json else format_inspection(info))
+    return 0
+
+
+_COMMANDS = {"quantize": _quantize, "eval": _eval, "run": _run, "inspect": _inspect}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Configs of the integer weight-quantization methods (round-to-nearest and GPTQ)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from ..configs import MethodConfig, register_method
+from ..errors import ConfigError
+
+
+@dataclasses.dataclass
+class IntWeightConfig(MethodConfig):
+    """What every integer weight quantizer shares: the grid and which layers it touches.
+
+    bits:           2..8 bits per weight.
+    group_size:     columns (input features) that share one scale; None = one scale per output
+                    channel. A group size that does not divide a layer's in_features is an error
+                    unless ``partial_groups`` is set (see below).
+    symmetric:      codes in [-2^(b-1), 2^(b-1)-1], no zero point; else codes in [0, 2^b-1]
+                    with a per-group integer zero point.
+    observer:       how each group's scale is chosen: "minmax" (cover the range) or "mse"
+                    (search shrunk ranges for the lowest squared error, weighted by the input
+                    second moments when calibration statistics are available).
+    partial_groups: let the last group of a row be narrower than group_size when group_size does
+                    not divide in_features (SmolLM2's 576 with 128 gives 4 full groups + one of
+                    64). Our runtime and kernels load such checkpoints; compressed-tensors 0.20 and
+                    therefore transformers refuse them, so this is opt-in.
+    ignore:         module-name patterns left in full precision: a glob matched against the full
+                    name or any dotted suffix ("lm_head", "mlp.down_proj", "*.layers.0.*"), or
+                    "re:<regex>" searched in the full name.
+    """
+
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = True
+    observer: Literal["minmax", "mse"] = "minmax"
+    partial_groups: bool = False
+    ignore: list[str] = dataclasses.field(default_factory=lambda: ["lm_head"])
+
+    def validate(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise ConfigError(f"bits must be between 2 and 8, got {self.bits}")
+        if self.group_size is not None and self.group_size <= 0:
+            raise ConfigError(f"group_size must be a positive integer or null (per channel), "
+                              f"got {self.group_size}")
+
+
+@register_method
+@dataclasses.dataclass
+class RTNConfig(IntWeightConfig):
+    """Round-to-nearest: each weight rounded onto its group's grid, no calibration data."""
+
+    method = "rtn"
+
+
+@register_method
+@dataclasses.dataclass
+class GPTQConfig(IntWeightConfig):
+    """GPTQ (Frantar et al., 2022): quantize one input column at a time and push the error onto
+    the columns not yet quantized, weighted by the inverse Hessian of the layer's inputs.
+
+    act_order:        quantize columns in order of decreasing Hessian diagonal. Groups stay the
+                      natural contiguous column ranges ("static" groups: scales are fixed from the
+                      weights before the solve), so no g_idx is needed at run time.
+    damp:             fraction of the mean Hessian diagonal added to the diagonal. Escalated
+                      tenfold (up to 4 times) when the Cholesky factorisation fails; if it still
+                      fails that layer falls back to round-to-nearest with a warning.
+    gptq_block_size:  columns per lazy-update block (a speed knob; rounded up to a multiple of
+                      group_size).
+    """
+
+    method = "gptq"
+    observer: Literal["minmax", "mse"] = "mse"
+    act_order: bool = True
+    damp: float = 0.01
+    gptq_block_size: int = 128
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 < self.damp < 1:
+            raise ConfigError(f"damp must be in (0, 1), got {self.damp}")
+        if self.gptq_block_size <= 0:
+            raise ConfigError(f"gptq_block_size must be positive, got {self.gptq_block_size}")

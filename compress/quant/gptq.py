@@ -1,0 +1,112 @@
+"""GPTQ: the error-feedback solve of Frantar et al. (2022), a pure function on tensors.
+
+Columns are quantized one at a time; each column's rounding error, divided by the matching
+diagonal entry of the upper Cholesky factor of H^-1, is subtracted from the columns still to come
+(immediately inside a block of ``gptq_block_size`` columns, lazily for the columns after it).
+
+Groups: without act-order, a group's scale is chosen when the solve reaches its first column, from
+the weights as the error feedback has left them. With act-order, columns are visited by decreasing
+H diagonal, but the groups stay the natural contiguous column ranges and their scales are fixed
+before the solve ("static" groups), so the checkpoint needs no g_idx.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .config import GPTQConfig
+from .grid import code_range, compute_qparams, num_groups
+from .rtn import QuantResult, rtn_solve
+
+log = logging.getLogger(__name__)
+
+MAX_DAMP_ESCALATIONS = 4
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor | None, float]:
+    """Upper Cholesky factor of (H + d*mean(diag H)*I)^-1, escalating d tenfold on failure.
+
+    Returns (None, last damp tried) when every attempt fails."""
+    cols = hessian.shape[0]
+    eye = torch.eye(cols, dtype=hessian.dtype, device=hessian.device)
+    mean_diag = float(hessian.diagonal().mean())
+    for attempt in range(MAX_DAMP_ESCALATIONS + 1):
+        d = damp * 10**attempt
+        lower, info = torch.linalg.cholesky_ex(hessian + eye * (d * mean_diag))
+        if int(info) == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if int(info) == 0 and bool(torch.isfinite(upper).all()):
+                if attempt:
+                    log.info("GPTQ: damping escalated to %.3g", d)
+                return upper, d
+    return None, d
+
+
+def gptq_solve(hessian: torch.Tensor, weight: torch.Tensor, cfg: GPTQConfig,
+               scale_dtype: torch.dtype) -> QuantResult:
+    """Quantize ``weight`` (rows, cols) given the input Hessian ``hessian`` (cols, cols)."""
+    w = weight.float().clone()
+    h = hessian.float().clone()
+    rows, cols = w.shape
+    if not torch.isfinite(h).all():
+        raise ValueError("GPTQ: the Hessian has inf/NaN entries; the calibration activations overflowed "
+                         "(try a float32 or bfloat16 model instead of float16)")
+    dead = h.diagonal() == 0                   # inputs that were always zero: weight is irrelevant
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    diag = h.diagonal().clone()
+
+    g = cfg.group_size or cols
+    static = cfg.act_order or cfg.group_size is None
+    groups = num_groups(cols, cfg.group_size)
+    scale = torch.ones(rows, groups, device=w.device)
+    zp = torch.zeros(rows, groups, device=w.device)
+    if static:
+        scale, zp = compute_qparams(w, cfg.bits, cfg.group_size, cfg.symmetric, scale_dtype,
+                                    cfg.observer, diag)
+
+    perm = torch.argsort(diag, descending=True) if cfg.act_order else torch.arange(cols, device=w.device)
+    w, h = w[:, perm], h[perm][:, perm]
+    group_of = perm // g                       # processed column -> its (natural) group
+
+    hinv, damp = inverse_hessian_factor(h, cfg.damp)
+    if hinv is None:
+        msg = f"Cholesky failed even with damp={damp:g}; fell back to round-to-nearest"
+        result = rtn_solve(weight, cfg, scale_dtype, diag.clamp(min=0))
+        result.fallback = msg
+        return result
+
+    qmin, qmax = code_range(cfg.bits)
+    block = max(cfg.gptq_block_size, g) if static else -(-cfg.gptq_block_size // g) * g
+    codes = torch.zeros(rows, cols, dtype=torch.int8, device=w.device)
+    deq = torch.zeros_like(w)
+    losses = torch.zeros(rows, device=w.device)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        w1 = w[:, i1:i2].clone()               # (rows, block): receives the in-block updates
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if not static and col % g == 0:    # dynamic group starts: fit it to the updated weights
+                k = col // g
+                scale[:, k:k + 1], zp[:, k:k + 1] = compute_qparams(
+                    w1[:, i:i + g], cfg.bits, None, cfg.symmetric, scale_dtype, cfg.observer, diag[col:col + g])
+            s, z = scale[:, group_of[col]], zp[:, group_of[col]]
+            x = w1[:, i]
+            q = torch.clamp(torch.round(x / s) + z, qmin, qmax)
+            xq = (q - z) * s
+            codes[:, col] = q.to(torch.int8)
+            deq[:, col] = xq
+            d = hinv1[i, i]
+            e = (x - xq) / d
+            losses += e.square() * 0.5
+            w1[:, i:].addr_(e, hinv1[i, i:], alpha=-1.0)
+            err1[:, i] = e
+        w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1.0)
+
+    inv = torch.argsort(perm)
+    return QuantResult(codes[:, inv], scale, None if cfg.symmetric else zp, deq[:, inv],
+                       float(losses.sum()), damp=damp)

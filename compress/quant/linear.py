@@ -1,0 +1,80 @@
+"""QuantLinear: a linear layer that holds its weight as packed integer codes.
+
+Its buffers carry exactly the compressed-tensors "pack-quantized" tensor names, so the module's
+state dict *is* the checkpoint: ``weight_packed`` (int32, [out, ceil(in*bits/32)]),
+``weight_scale`` (model dtype, [out, groups]), ``weight_zero_point`` (int32 packed along the
+output dimension, [ceil(out*bits/32), groups], asymmetric only) and ``weight_shape`` (int64 [2]).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..kernels.dequant_linear import dequant_linear, dequant_weight
+from .grid import num_groups
+from .packing import pack_int32, packed_words
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, *, bits: int, group_size: int | None,
+                 symmetric: bool, bias: bool = False, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None, backend: str = "auto",
+                 actorder: str | None = None, observer: str | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        self.backend = backend
+        # Provenance written into the checkpoint config; it does not change the computation.
+        self.actorder, self.observer = actorder, observer
+        groups = num_groups(in_features, group_size)
+        self.register_buffer("weight_packed", torch.zeros(
+            out_features, packed_words(in_features, bits), dtype=torch.int32, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=dtype, device=device))
+        if symmetric:
+            self.weight_zero_point = None
+        else:
+            self.register_buffer("weight_zero_point", torch.zeros(
+                packed_words(out_features, bits), groups, dtype=torch.int32, device=device))
+        self.register_buffer("weight_shape", torch.tensor([out_features, in_features], dtype=torch.int64,
+                                                          device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
+                                 requires_grad=False) if bias else None
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, *,
+                   bits: int, group_size: int | None, bias: torch.Tensor | None,
+                   dtype: torch.dtype, actorder: str | None = None, observer: str | None = None) -> QuantLinear:
+        """Build from signed codes (out, in), per-group scales and integer zero points (out, groups)."""
+        out_features, in_features = codes.shape
+        module = cls(in_features, out_features, bits=bits, group_size=group_size,
+                     symmetric=zero_point is None, bias=bias is not None, dtype=dtype, device=codes.device,
+                     actorder=actorder, observer=observer)
+        module.weight_packed.copy_(pack_int32(codes, bits))
+        module.weight_scale.copy_(scale.to(dtype))
+        if zero_point is not None:
+            module.weight_zero_point.copy_(pack_int32(zero_point.round().to(torch.int8), bits, dim=0))
+        if bias is not None:
+            module.bias.data.copy_(bias.detach().to(dtype))
+        return module
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight_scale.dtype
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense (out, in) weight this module computes with."""
+        return dequant_weight(self.weight_packed, self.weight_scale, self.weight_zero_point, self.bits,
+                              self.group_size, self.in_features, dtype or self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return dequant_linear(x, self.weight_packed, self.weight_scale, self.weight_zero_point, bias,
+                              bits=self.bits, group_size=self.group_size, in_features=self.in_features,
+                              backend=self.backend)
+
+    def extra_repr(self) -> str:
+        group = "channel" if self.group_size is None else f"group_size={self.group_size}"
+        kind = "sym" if self.symmetric else "asym"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"int{self.bits} {kind} {group}, bias={self.bias is not None}")

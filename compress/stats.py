@@ -1,0 +1,37 @@
+"""Statistics that methods collect from a layer's inputs during calibration.
+
+A statistic is fed with ``add(x)`` once per calibration chunk, where ``x`` is the input of a
+linear layer, shaped (..., in_features). GPTQ and SparseGPT share ``HessianStats``; activation
+norm based methods (Wanda) use the diagonal alone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class HessianStats:
+    """H = (2 / n) * sum_t x_t x_t^T over all n calibration tokens, accumulated in float32."""
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
+        self.in_features = in_features
+        self.xtx = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, self.in_features)                      # (tokens, in)
+        if x.dtype != torch.float32:
+            x = x.float()
+        self.xtx.addmm_(x.t(), x)
+        self.tokens += x.shape[0]
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        if self.tokens == 0:
+            raise RuntimeError("HessianStats.hessian read before any input was added")
+        return self.xtx * (2.0 / self.tokens)
+
+    @property
+    def diag(self) -> torch.Tensor:
+        """Per input feature: 2 * mean(x^2), the weight each column's error carries."""
+        return self.hessian.diagonal()

@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny random models of several architectures, a tiny trained tokenizer, text."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+from transformers import (LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast,
+                          Qwen2Config, Qwen2ForCausalLM)
+
+VOCAB = 384
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. A model compresses weights into few bits, and a "
+    "careful solver keeps the outputs close to the original ones. Calibration text shows the solver "
+    "which directions of the input matter. Perplexity measures how surprised the model is by new text. "
+) * 40
+
+
+def _llama(**kw):
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=False, **kw)
+    return LlamaForCausalLM(cfg)
+
+
+def _qwen2(**kw):
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, **kw)
+    return Qwen2ForCausalLM(cfg)
+
+
+def _opt(**kw):
+    cfg = OPTConfig(vocab_size=VOCAB, hidden_size=64, ffn_dim=160, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=512, word_embed_proj_dim=64, **kw)
+    return OPTForCausalLM(cfg)
+
+
+BUILDERS = {"llama": _llama, "qwen2": _qwen2, "opt": _opt}
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, **kw):
+    torch.manual_seed(seed)
+    model = BUILDERS[arch](**kw).eval()
+    return model
+
+
+@pytest.fixture(params=sorted(BUILDERS))
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB - 2, special_tokens=["<eos>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([TEXT], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    return fast
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text(TEXT)
+    return path
+
+
+@pytest.fixture
+def calib_ids():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, VOCAB, (8, 32), generator=g)

