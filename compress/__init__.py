@@ -12,6 +12,7 @@
 __version__ = "0.1.0"
 
 from .api import apply, quantize  # noqa: E402
+from .bench import BenchResult, BenchSettings, benchmark  # noqa: E402
 from .checkpoint.export import export  # noqa: E402
 from .checkpoint.inspect import inspect_checkpoint  # noqa: E402
 from .configs import config_from_dict, registered_methods  # noqa: E402
@@ -22,10 +23,11 @@ from .evaluation import EvalResult, evaluate, generate  # noqa: E402
 from .loading import load_model  # noqa: E402
 from .quant.config import GPTQConfig, RTNConfig  # noqa: E402
 from .quant.linear import QuantLinear  # noqa: E402
+from .runtime import set_backend  # noqa: E402
 
 __all__ = [
     "__version__", "apply", "quantize", "export", "inspect_checkpoint", "config_from_dict", "registered_methods",
     "CalibrationData", "calibration_data", "evaluate", "generate", "EvalResult", "load_model", "GPTQConfig",
-    "RTNConfig", "QuantLinear", "CompressError", "ConfigError", "CheckpointError", "DataError",
-    "MissingPathError", "ModelLoadError",
+    "RTNConfig", "QuantLinear", "set_backend", "benchmark", "BenchSettings", "BenchResult", "CompressError",
+    "ConfigError", "CheckpointError", "DataError", "MissingPathError", "ModelLoadError",
 ]

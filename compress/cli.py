@@ -1,4 +1,4 @@
-"""The ``compress`` command line: quantize, eval, run, inspect.
+"""The ``compress`` command line: quantize, eval, run, inspect, bench.
 
 ``compress quantize`` builds a one-pass recipe from its flags and runs it like ``compress run``,
 so both print the same per-stage table and write the same report.json.
@@ -13,9 +13,11 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .bench import BenchSettings, benchmark
 from .checkpoint.inspect import format_inspection, inspect_checkpoint
 from .errors import CompressError
 from .evaluation import evaluate
+from .kernels.dequant_linear import BACKENDS
 from .loading import load_model
 from .quant.config import GPTQConfig, RTNConfig
 from .recipe import CalibrationSection, EvaluationSection, ExportSection, Recipe, load_recipe, run_recipe
@@ -61,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--max-windows", type=int, default=None)
     q.add_argument("--dtype", default="auto")
     q.add_argument("--device", default=None, help="compute device for calibration (default: cuda if present)")
+    q.add_argument("--backend", choices=BACKENDS, default="auto", help=_BACKEND_HELP + " (for --eval)")
     q.add_argument("--output", "-o", required=True)
     q.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --output")
 
@@ -73,17 +76,49 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="auto")
     e.add_argument("--device", default=None)
     e.add_argument("--sample", metavar="PROMPT", help="also print a short greedy continuation of PROMPT")
+    e.add_argument("--backend", choices=BACKENDS, default="auto", help=_BACKEND_HELP)
     e.add_argument("--json", action="store_true", help="print one JSON object")
 
     r = sub.add_parser("run", help="run a YAML recipe")
     r.add_argument("recipe")
     r.add_argument("--output", "-o", help="export directory (overrides the recipe's export.output)")
     r.add_argument("--overwrite", action="store_true", default=None)
+    r.add_argument("--backend", choices=BACKENDS, default=None,
+                   help=_BACKEND_HELP + " (overrides the recipe's backend)")
+
+    _bench_parser(sub)
 
     i = sub.add_parser("inspect", help="what a checkpoint holds: format, bits, groups, size")
     i.add_argument("path")
     i.add_argument("--json", action="store_true")
     return p
+
+
+_BACKEND_HELP = "kernels of the packed layers: auto (Triton on CUDA, PyTorch on CPU), torch or triton"
+
+
+def _bench_parser(sub) -> None:
+    d = BenchSettings()
+    b = sub.add_parser("bench", help="prefill and decode tokens/s and peak memory of a checkpoint vs dense",
+                       description="Measure a compressed checkpoint in our runtime against a dense baseline: "
+                                   "prefill tokens/s, decode tokens/s, peak memory, weight bytes.")
+    b.add_argument("checkpoint", help="directory written by compress export (or compress quantize/run)")
+    base = b.add_mutually_exclusive_group()
+    base.add_argument("--baseline", metavar="PATH",
+                      help="dense original to compare with (default: the checkpoint dequantized to --dtype)")
+    base.add_argument("--no-baseline", action="store_true", help="measure the checkpoint only")
+    b.add_argument("--backend", choices=BACKENDS, default="auto", help=_BACKEND_HELP)
+    b.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    b.add_argument("--dtype", default="bfloat16", help="activation and dense-weight dtype (default bfloat16)")
+    b.add_argument("--prompt-len", type=int, default=d.prompt_len, help="prompt tokens per sequence")
+    b.add_argument("--new-tokens", type=int, default=d.new_tokens, help="timed decode steps")
+    b.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per forward")
+    b.add_argument("--warmup", type=int, default=d.warmup, help="untimed runs before the timed ones")
+    b.add_argument("--repeats", type=int, default=d.repeats, help="timed runs (the median is reported)")
+    b.add_argument("--seed", type=int, default=d.seed, help="seed of the random prompt token ids")
+    b.add_argument("--cuda-graphs", action="store_true",
+                   help="replay decode steps from a CUDA graph (both models; falls back to eager on failure)")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,7 +143,7 @@ def _quantize(args) -> int:
             print("compress quantize: error: --method gptq needs --calib FILE (calibration text)", file=sys.stderr)
             return 2
     cfg = _METHODS[args.method](**kwargs)
-    recipe = Recipe(model=args.model, dtype=args.dtype, device=args.device, passes=[cfg],
+    recipe = Recipe(model=args.model, dtype=args.dtype, device=args.device, backend=args.backend, passes=[cfg],
                     calibration=CalibrationSection(args.calib, args.calib_samples, args.seqlen, args.seed,
                                                    batch_size=args.batch_size) if args.calib else None,
                     evaluation=EvaluationSection(args.eval_data, args.seqlen, args.max_windows)
@@ -119,7 +154,7 @@ def _quantize(args) -> int:
 
 
 def _eval(args) -> int:
-    model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
     result = evaluate(model, tok, args.data, seqlen=args.seqlen, max_windows=args.max_windows,
                       batch_size=args.batch_size, sample_prompt=args.sample, progress=not (args.quiet or args.json))
     if args.json:
@@ -134,6 +169,8 @@ def _eval(args) -> int:
 
 def _run(args) -> int:
     recipe = load_recipe(args.recipe)
+    if args.backend is not None:
+        recipe.backend = args.backend
     run_recipe(recipe, output=Path(args.output) if args.output else None, overwrite=args.overwrite,
                progress=not args.quiet)
     return 0
@@ -145,7 +182,24 @@ def _inspect(args) -> int:
     return 0
 
 
-_COMMANDS = {"quantize": _quantize, "eval": _eval, "run": _run, "inspect": _inspect}
+def _bench(args) -> int:
+    settings = BenchSettings(prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch_size=args.batch_size,
+                             warmup=args.warmup, repeats=args.repeats, cuda_graphs=args.cuda_graphs, seed=args.seed)
+    baseline = None if args.no_baseline else (args.baseline or "dequantized")
+    result = benchmark(args.checkpoint, baseline=baseline, backend=args.backend, device=args.device,
+                       dtype=args.dtype, settings=settings)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return 0
+    s = result.settings
+    print(f"{result.checkpoint} on {result.device}, {result.dtype}: prefill {s.batch_size} x {s.prompt_len} tokens, "
+          f"decode {s.new_tokens} steps at batch {s.batch_size}{' (CUDA graphs)' if s.cuda_graphs else ''}; "
+          f"median of {s.repeats} runs after {s.warmup} warm-up")
+    print(result.table())
+    return 0
+
+
+_COMMANDS = {"quantize": _quantize, "eval": _eval, "run": _run, "inspect": _inspect, "bench": _bench}
 
 
 if __name__ == "__main__":

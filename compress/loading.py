@@ -24,6 +24,9 @@ from torch import nn
 from .checkpoint.compressed_tensors import QUANT_METHOD, install_quant_linears
 from .checkpoint.safetensors_io import check_directory, read_state_dict
 from .errors import CheckpointError, MissingPathError, ModelLoadError
+from .kernels.dequant_linear import check_backend
+from .runtime import set_backend
+from .quant.linear import QuantLinear
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +67,12 @@ def resolve_source(source: str | os.PathLike) -> Path | str:
 
 def load_model(source: str | os.PathLike, *, dtype: str | torch.dtype | None = "auto",
                device: str | torch.device | None = None, tokenizer: str | os.PathLike | None = None,
-               device_map: str | dict | None = None, offload_folder: str | None = None):
+               device_map: str | dict | None = None, offload_folder: str | None = None, backend: str = "auto"):
     """Load (model, tokenizer). ``dtype="auto"`` keeps the checkpoint's dtype (float32 for GGUF).
     ``device_map``/``offload_folder`` are passed to transformers for accelerate offload of models
-    larger than memory; ``device`` moves a fully loaded model."""
+    larger than memory; ``device`` moves a fully loaded model. ``backend`` (auto | torch | triton)
+    is the kernel backend of the packed layers of a compressed checkpoint (see compress.set_backend)."""
+    check_backend(backend)
     resolved = resolve_source(source)
     torch_dtype = resolve_dtype(dtype)
     if isinstance(resolved, Path) and resolved.is_dir() and not (resolved / "config.json").is_file():
@@ -96,6 +101,9 @@ def load_model(source: str | os.PathLike, *, dtype: str | torch.dtype | None = "
         tok = _load_tokenizer(tokenizer or resolved)
     if device is not None:
         model.to(device)
+    packed = set_backend(model, backend)
+    if packed:
+        log.debug("%d packed layers use kernel backend %s", packed, backend)
     model.eval()
     return model, tok
 
@@ -205,8 +213,13 @@ def load_compressed(directory: Path, dtype="auto") -> nn.Module:
                                   f"implies {tuple(expected[key].shape)}")
         if tensor.is_floating_point() and tensor.dtype != model_dtype:
             state[key] = tensor.to(model_dtype)
+        elif key.endswith(".weight_g_idx") and tensor.dtype != torch.int32:
+            state[key] = tensor.to(torch.int32)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            module.check_g_idx(f"{directory}: {name}")
     still_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if still_meta:
         raise CheckpointError(f"{directory}: no data for {still_meta[:5]}; the checkpoint is incomplete")

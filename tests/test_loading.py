@@ -128,3 +128,21 @@ def test_hub_id_without_network_says_what_to_do(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ModelLoadError, match="hub"):
         compress.load_model("some-org-that-does-not-exist/tiny-model")
+
+
+def test_backend_is_set_on_every_packed_layer(exported, hf_dir):
+    loaded, _ = compress.load_model(exported)
+    packed = [m for m in loaded.modules() if isinstance(m, QuantLinear)]
+    assert len(packed) == 14 and {m.backend for m in packed} == {"auto"}
+    loaded, _ = compress.load_model(exported, backend="torch")
+    assert {m.backend for m in loaded.modules() if isinstance(m, QuantLinear)} == {"torch"}
+    loaded, _ = compress.load_model(exported, backend="triton")     # set; a forward needing Triton decides
+    assert {m.backend for m in loaded.modules() if isinstance(m, QuantLinear)} == {"triton"}
+    dense, _ = compress.load_model(hf_dir[0], backend="torch")       # nothing packed: nothing to set
+    assert not any(isinstance(m, QuantLinear) for m in dense.modules())
+
+
+def test_bad_backend_is_refused_before_loading(tmp_path):
+    from compress.errors import ConfigError
+    with pytest.raises(ConfigError, match="kernel backend must be one of auto, torch, triton; got 'cuda'"):
+        compress.load_model(tmp_path / "not-even-there", backend="cuda")

@@ -86,3 +86,12 @@ def test_run_writes_report_with_a_row_per_stage(tmp_path, tokenizer, text_file):
     assert all(s["seconds"] >= 0 for s in saved["stages"]) and "machine" in saved
     assert "stage" in lines[-1] and "gptq w4g32" in lines[-1]           # the printed table
     assert report.rows[1].perplexity == gptq["perplexity"]
+
+
+def test_backend_key_round_trips_and_is_checked():
+    recipe = recipe_from_dict({"version": 1, "model": "m", "backend": "torch"})
+    assert recipe.backend == "torch" and recipe.to_dict()["backend"] == "torch"
+    assert recipe_from_dict(recipe.to_dict()) == recipe
+    assert recipe_from_dict({"version": 1, "model": "m"}).backend == "auto"
+    with pytest.raises(ConfigError, match="kernel backend must be one of auto, torch, triton; got 'cuda'"):
+        recipe_from_dict({"version": 1, "model": "m", "backend": "cuda"})

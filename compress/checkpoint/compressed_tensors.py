@@ -111,9 +111,6 @@ def parse_config(qc: dict[str, Any], where: str) -> tuple[list[tuple[list[str], 
         if group.get("input_activations") or group.get("output_activations"):
             raise CheckpointError(f"{where}: config group {gname!r} quantizes activations, which compress "
                                   f"does not run yet; load it with vLLM")
-        if w.get("actorder") in ("group", "dynamic"):
-            raise CheckpointError(f"{where}: config group {gname!r} uses actorder={w['actorder']!r} (a g_idx "
-                                  f"gather), which compress does not run yet")
         strategy = w.get("strategy")
         group_size = w.get("group_size") if strategy == "group" else None
         if strategy not in ("group", "channel"):

@@ -126,11 +126,15 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int,
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None, group_size: int | None,
-               dtype: torch.dtype) -> torch.Tensor:
-    """The one dequantize formula: (q - zp) * scale in float32, cast once to ``dtype``."""
+               dtype: torch.dtype, g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """The one dequantize formula: (q - zp) * scale in float32, cast once to ``dtype``.
+    Column ``i`` belongs to group ``i // group_size``, or ``g_idx[i]`` when given (dynamic act-order)."""
     rows, cols = q.shape
     g = cols if group_size is None else group_size
-    idx = torch.arange(cols, device=q.device) // g              # column -> group
+    if g_idx is not None:
+        idx = g_idx.to(device=q.device, dtype=torch.long)
+    else:
+        idx = torch.arange(cols, device=q.device) // g          # column -> group
     s = scale.float()[:, idx]
     w = q.float()
     if zp is not None:

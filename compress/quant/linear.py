@@ -3,7 +3,12 @@
 Its buffers carry exactly the compressed-tensors "pack-quantized" tensor names, so the module's
 state dict *is* the checkpoint: ``weight_packed`` (int32, [out, ceil(in*bits/32)]),
 ``weight_scale`` (model dtype, [out, groups]), ``weight_zero_point`` (int32 packed along the
-output dimension, [ceil(out*bits/32), groups], asymmetric only) and ``weight_shape`` (int64 [2]).
+output dimension, [ceil(out*bits/32), groups], asymmetric only), ``weight_shape`` (int64 [2]) and,
+for checkpoints quantized with dynamic act-order (``actorder="group"``, older compressed-tensors),
+``weight_g_idx`` (int32 [in], the group of each input column).
+
+``backend`` picks the kernel (``compress.kernels.BACKENDS``); ``auto`` runs the fused Triton
+kernels on a CUDA GPU and the PyTorch reference elsewhere.
 """
 
 from __future__ import annotations
@@ -11,9 +16,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import CheckpointError
 from ..kernels.dequant_linear import dequant_linear, dequant_weight
 from .grid import num_groups
 from .packing import pack_int32, packed_words
+
+# actorder values whose checkpoints carry a per-column group index (``weight_g_idx``).
+DYNAMIC_ACTORDER = ("group", "dynamic")
 
 
 class QuantLinear(nn.Module):
@@ -28,6 +37,11 @@ class QuantLinear(nn.Module):
         # Provenance written into the checkpoint config; it does not change the computation.
         self.actorder, self.observer = actorder, observer
         groups = num_groups(in_features, group_size)
+        if actorder in DYNAMIC_ACTORDER:
+            self.register_buffer("weight_g_idx", torch.arange(in_features, dtype=torch.int32, device=device)
+                                 // (group_size or in_features))
+        else:
+            self.weight_g_idx = None
         self.register_buffer("weight_packed", torch.zeros(
             out_features, packed_words(in_features, bits), dtype=torch.int32, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=dtype, device=device))
@@ -65,16 +79,28 @@ class QuantLinear(nn.Module):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense (out, in) weight this module computes with."""
         return dequant_weight(self.weight_packed, self.weight_scale, self.weight_zero_point, self.bits,
-                              self.group_size, self.in_features, dtype or self.dtype)
+                              self.group_size, self.in_features, dtype or self.dtype, self.weight_g_idx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return dequant_linear(x, self.weight_packed, self.weight_scale, self.weight_zero_point, bias,
                               bits=self.bits, group_size=self.group_size, in_features=self.in_features,
-                              backend=self.backend)
+                              g_idx=self.weight_g_idx, backend=self.backend)
 
     def extra_repr(self) -> str:
         group = "channel" if self.group_size is None else f"group_size={self.group_size}"
         kind = "sym" if self.symmetric else "asym"
+        gidx = ", g_idx" if self.weight_g_idx is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"int{self.bits} {kind} {group}, bias={self.bias is not None}")
+                f"int{self.bits} {kind} {group}{gidx}, bias={self.bias is not None}, backend={self.backend}")
+
+    def check_g_idx(self, name: str) -> None:
+        """Refuse a loaded ``weight_g_idx`` that points outside the scale table."""
+        if self.weight_g_idx is None:
+            return
+        g, groups = self.weight_g_idx, self.weight_scale.shape[1]
+        if g.shape != (self.in_features,) or g.numel() and (int(g.min()) < 0 or int(g.max()) >= groups):
+            raise CheckpointError(f"{name}.weight_g_idx must hold {self.in_features} group indices in "
+                                  f"[0, {groups}); got shape {tuple(g.shape)}, range "
+                                  f"[{int(g.min()) if g.numel() else '-'}, {int(g.max()) if g.numel() else '-'}]. "
+                                  f"The checkpoint is damaged; re-export it")

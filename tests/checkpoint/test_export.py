@@ -139,3 +139,40 @@ def test_sharded_export_round_trips(tmp_path, calib_ids):
     path = compress.export(model, None, tmp_path / "ck", max_shard_bytes=20_000)
     assert (path / "model.safetensors.index.json").exists() and len(list(path.glob("*.safetensors"))) > 2
     assert torch.equal(_logits(load_compressed(path), calib_ids), _logits(model, calib_ids))
+
+
+def _with_g_idx(model, seed=0):
+    """Turn every QuantLinear into a dynamic act-order one with a random column -> group map."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, old in list(model.named_modules()):
+        if not isinstance(old, QuantLinear):
+            continue
+        new = QuantLinear(old.in_features, old.out_features, bits=old.bits, group_size=old.group_size,
+                          symmetric=old.symmetric, bias=old.bias is not None, dtype=old.dtype, actorder="group")
+        new.load_state_dict({**old.state_dict(), "weight_g_idx": torch.randint(
+            0, old.weight_scale.shape[1], (old.in_features,), generator=gen, dtype=torch.int32)})
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+    return model
+
+
+def test_dynamic_actorder_checkpoint_round_trips_with_its_g_idx(tmp_path, calib_ids):
+    model = _with_g_idx(_quantized("llama", calib_ids, bits=4, group_size=32, symmetric=False))
+    path = compress.export(model, None, tmp_path / "ck")
+    weights = json.loads((path / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    assert weights["weights"]["actorder"] == "group"
+    reloaded = load_compressed(path)
+    layer = reloaded.get_submodule("model.layers.0.mlp.down_proj")
+    assert torch.equal(layer.weight_g_idx, model.get_submodule("model.layers.0.mlp.down_proj").weight_g_idx)
+    assert torch.equal(_logits(reloaded, calib_ids), _logits(model, calib_ids))
+
+
+def test_a_g_idx_pointing_past_the_scales_is_refused(tmp_path, calib_ids):
+    from safetensors.torch import load_file, save_file
+    model = _with_g_idx(_quantized("llama", calib_ids, bits=4, group_size=32))
+    path = compress.export(model, None, tmp_path / "ck")
+    state = load_file(str(path / "model.safetensors"))
+    state["model.layers.1.self_attn.o_proj.weight_g_idx"][0] = 99
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"model.layers.1.self_attn.o_proj.weight_g_idx .*\[0, 2\)"):
+        load_compressed(path)

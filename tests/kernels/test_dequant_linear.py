@@ -38,3 +38,37 @@ def test_unknown_backend_is_refused():
     with pytest.raises(ConfigError, match="backend"):
         dequant_linear(torch.zeros(1, 40), packed, scale, None, None, bits=4, group_size=16, in_features=40,
                        backend="cuda-magic")
+
+
+def test_reference_with_g_idx_uses_the_group_of_each_column():
+    codes, packed, scale, zp = _case(4, out=8, k=40, group=16, asym=True)
+    g_idx = torch.randint(0, 3, (40,), dtype=torch.int32)
+    y = dequant_linear_reference(torch.eye(40), packed, scale, pack_int32(zp, 4, dim=0), None, bits=4,
+                                 group_size=16, in_features=40, g_idx=g_idx)
+    w = (codes - zp[:, g_idx.long()]).float() * scale[:, g_idx.long()]
+    torch.testing.assert_close(y, w.T, rtol=1e-6, atol=1e-6)
+
+
+def test_auto_runs_the_reference_on_cpu_even_for_widths_triton_lacks():
+    from compress.kernels.dequant_linear import resolve_backend
+    assert resolve_backend("auto", torch.zeros(1, 4), 4) == "torch"
+    assert resolve_backend("auto", torch.zeros(1, 4), 3) == "torch"
+    assert resolve_backend("torch", torch.zeros(1, 4), 4) == "torch"
+
+
+def test_triton_on_cpu_without_the_interpreter_says_what_to_do(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    codes, packed, scale, _ = _case(asym=False)
+    with pytest.raises(ConfigError, match="TRITON_INTERPRET=1.*backend='torch'"):
+        dequant_linear(torch.zeros(1, 40), packed, scale, None, None, bits=4, group_size=16, in_features=40,
+                       backend="triton")
+
+
+def test_triton_refuses_3_bit_weights_by_name(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    codes, packed, scale, _ = _case(bits=3, asym=False)
+    with pytest.raises(ConfigError, match="not 3-bit"):
+        dequant_linear(torch.zeros(1, 40), packed, scale, None, None, bits=3, group_size=16, in_features=40,
+                       backend="triton")

@@ -1,0 +1,178 @@
+"""Speed of the int4 (and int8) quantized matmul against bf16 ``torch.nn.functional.linear``.
+
+    python benchmarks/kernels.py                          # H100: Llama-3-8B shapes, M = 1 .. 256
+    python benchmarks/kernels.py --bits 8                 # int8 per-channel weights instead
+    TRITON_INTERPRET=1 python benchmarks/kernels.py --device cpu --shapes 96x40 --batches 1,3 --repeat 1
+
+For each layer shape (in_features x out_features) and batch M: the median time of our kernel
+(int4, group 128, symmetric, the config the autotuner picks) and of bf16 F.linear, the speed-up,
+the ideal speed-up (bytes bf16 / bytes int4 for that M), and the bandwidth each achieves as a
+fraction of the measured device-to-device copy bandwidth (bytes read + written).
+
+Fairness: both sides run inside CUDA graphs (no launch gaps), and each side rotates over enough
+weight copies (>= 4x the L2 size) that every call reads its weights from device memory, not L2.
+Prints a table and writes JSON (default benchmarks/results/kernels-<device>.json). A benchmark,
+not a test: run it on an idle GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from compress.kernels.dequant_linear import dequant_linear, triton_unsupported
+from compress.quant.packing import pack_int32
+from compress.report import machine
+
+ROOT = Path(__file__).resolve().parents[1]
+# Llama-3-8B: attention out / q (4096 -> 4096), MLP up or gate (4096 -> 14336), MLP down
+# (14336 -> 4096), fused QKV (4096 -> 4096 + 2 * 1024).
+LLAMA3_8B = ((4096, 4096), (4096, 14336), (14336, 4096), (4096, 6144))
+TARGETS = {1: 3.0, 16: 2.5}          # minimum speed-up over bf16 at these M; never below 1.0
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    out = []
+    for item in text.split(","):
+        k, _, n = item.partition("x")
+        out.append((int(k), int(n)))
+    return out
+
+
+def timer(device: torch.device, graphs: bool, repeat: int):
+    """fn -> median milliseconds of one call of fn."""
+    if device.type == "cuda":
+        from triton.testing import do_bench, do_bench_cudagraph
+        if graphs:
+            return lambda fn: do_bench_cudagraph(fn, rep=100, return_mode="median")
+        return lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+    def cpu(fn):
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+    return cpu
+
+
+def copy_bandwidth(device: torch.device, bench) -> float:
+    """Bytes per second of a large device-to-device copy, counting bytes read plus bytes written."""
+    n = (1 << 30) if device.type == "cuda" else (1 << 24)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    return 2 * n / (ms * 1e-3)
+
+
+def l2_bytes(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20))
+
+
+def weight_sets(k: int, n: int, bits: int, group_size: int | None, copies: int, device) -> list[tuple]:
+    """``copies`` independent random packed weights (packed, scale) of one layer."""
+    out = []
+    groups = 1 if group_size is None else -(-k // group_size)
+    for _ in range(copies):
+        codes = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (n, k), dtype=torch.int8)
+        scale = (torch.rand(n, groups) * 0.01 + 0.002).to(torch.bfloat16)
+        out.append((pack_int32(codes, bits).to(device), scale.to(device)))
+    return out
+
+
+def measure(k: int, n: int, m: int, args, bench, device, copy_bw: float) -> dict:
+    bits, group = args.bits, args.group_size
+    q_bytes = n * k * bits / 8 + n * (1 if group is None else -(-k // group)) * 2
+    io_bytes = (m * k + m * n) * 2
+    bf16_bytes = n * k * 2
+    rotate = max(1, -(-4 * l2_bytes(device) // int(min(q_bytes, bf16_bytes))))
+    qs = weight_sets(k, n, bits, group, rotate, device)
+    ws = [torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02 for _ in range(rotate)]
+    x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    meta = dict(bits=bits, group_size=group, in_features=k, backend="triton")
+
+    def ours():
+        for packed, scale in qs:
+            dequant_linear(x, packed, scale, None, None, **meta)
+
+    def dense():
+        for w in ws:
+            torch.nn.functional.linear(x, w)
+
+    ours()                                        # autotunes this shape outside any graph capture
+    t_ours = bench(ours) / rotate
+    t_bf16 = bench(dense) / rotate
+    row = {"in_features": k, "out_features": n, "m": m, "bits": bits, "group_size": group,
+           "ours_us": t_ours * 1e3, "bf16_us": t_bf16 * 1e3, "speedup": t_bf16 / t_ours,
+           "ideal_speedup": (bf16_bytes + io_bytes) / (q_bytes + io_bytes), "weight_copies": rotate}
+    row["ours_bw_frac"] = (q_bytes + io_bytes) / (t_ours * 1e-3) / copy_bw
+    row["bf16_bw_frac"] = (bf16_bytes + io_bytes) / (t_bf16 * 1e-3) / copy_bw
+    row["target"] = TARGETS.get(m, 1.0)
+    row["meets_target"] = row["speedup"] >= row["target"]
+    return row
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (f"{'in x out':>13} {'M':>4} {'ours us':>9} {'bf16 us':>9} {'speedup':>8} {'ideal':>6} "
+            f"{'ours BW':>8} {'bf16 BW':>8} {'target':>7}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['in_features']:>6}x{r['out_features']:<6} {r['m']:>4} {r['ours_us']:>9.2f} "
+                     f"{r['bf16_us']:>9.2f} {r['speedup']:>7.2f}x {r['ideal_speedup']:>5.2f}x "
+                     f"{r['ours_bw_frac']:>7.0%} {r['bf16_bw_frac']:>7.0%} "
+                     f"{'ok' if r['meets_target'] else 'MISS':>4} {r['target']:.1f}x")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shapes", type=parse_shapes, default=list(LLAMA3_8B), help="IN1xOUT1,IN2xOUT2,...")
+    p.add_argument("--batches", default="1,4,16,64,256", help="comma-separated M values")
+    p.add_argument("--bits", type=int, choices=[4, 8], default=4)
+    p.add_argument("--group-size", type=lambda s: None if s == "channel" else int(s), default=None)
+    p.add_argument("--no-graphs", action="store_true", help="time eager launches instead of CUDA graphs")
+    p.add_argument("--repeat", type=int, default=5, help="CPU only: timed repetitions")
+    p.add_argument("--json-out", type=Path)
+    args = p.parse_args(argv)
+    if args.group_size is None:
+        args.group_size = 128 if args.bits == 4 else None
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    device = torch.device(args.device)
+    reason = triton_unsupported(device, torch.bfloat16, args.bits)
+    if reason:
+        print(f"benchmarks/kernels.py: {reason}", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    bench = timer(device, not args.no_graphs, args.repeat)
+    copy_bw = copy_bandwidth(device, bench)
+    rows = [measure(k, n, int(m), args, bench, device, copy_bw)
+            for k, n in args.shapes for m in args.batches.split(",")]
+    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; copy bandwidth "
+          f"{copy_bw / 1e9:.0f} GB/s (read + write); int{args.bits} "
+          f"{'g' + str(args.group_size) if args.group_size else 'per channel'}; "
+          f"{'CUDA graphs' if device.type == 'cuda' and not args.no_graphs else 'eager'}")
+    print(format_table(rows))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    out = args.json_out or ROOT / "benchmarks" / "results" / f"kernels-{name.replace(' ', '_')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": "python benchmarks/kernels.py " + " ".join(argv or sys.argv[1:]),
+                               "machine": machine(), "copy_bandwidth_Bps": copy_bw,
+                               "graphs": device.type == "cuda" and not args.no_graphs, "rows": rows}, indent=2)
+                   + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Kernel configurations for the quantized matmul, the shape heuristic, and the autotuner with its
+per-device, per-shape cache.
+
+Three kinds of configuration compete for a call ``x (M, K) @ W^T (K, N)``:
+
+- ``splitk``: the small-batch schedule (M <= 16): few rows, K split over SPLIT_K programs;
+- ``tiled``:  the medium-batch schedule: ``tl.dot`` tiles, SPLIT_K = 1;
+- ``dense``:  dequantize the weight with a Triton kernel, then cuBLAS (large M, where the
+  matmul is compute-bound and dequantizing once is cheap next to it).
+
+``heuristic_config`` picks one from the shape and the GPU's SM count without running anything.
+``Autotuner`` times every candidate once per (device, shape bucket), keeps the fastest, and
+stores the choice in a JSON file per device (``$COMPRESS_CACHE_DIR``, default
+``~/.cache/compress``), so a later process starts with the tuned choice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+KINDS = ("splitk", "tiled", "dense")
+SMALL_M = 16          # largest batch the split-K schedule is meant for
+DENSE_M = 256         # from this batch up the heuristic dequantizes and calls cuBLAS
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    kind: str
+    block_m: int = 1
+    block_n: int = 64
+    block_k: int = 128
+    split_k: int = 1
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+    @property
+    def name(self) -> str:
+        if self.kind == "dense":
+            return "dense"
+        return (f"{self.kind}_m{self.block_m}n{self.block_n}k{self.block_k}s{self.split_k}"
+                f"w{self.num_warps}p{self.num_stages}")
+
+    @classmethod
+    def from_name(cls, name: str) -> KernelConfig:
+        for cfg in all_configs():
+            if cfg.name == name:
+                return cfg
+        raise KeyError(name)
+
+
+def _splitk_configs() -> list[KernelConfig]:
+    out = []
+    for block_m in (1, 16):
+        for block_n, block_k, warps in ((32, 128, 4), (64, 128, 4), (128, 128, 4), (64, 256, 8), (32, 256, 4)):
+            for split_k in (1, 2, 4, 8):
+                out.append(KernelConfig("splitk", block_m, block_n, block_k, split_k, 1, warps, 3))
+    return out
+
+
+def _tiled_configs() -> list[KernelConfig]:
+    return [KernelConfig("tiled", m, n, k, 1, 8, w, s) for m, n, k, w, s in (
+        (16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (32, 128, 128, 4, 3), (64, 64, 128, 4, 3),
+        (64, 128, 64, 4, 4), (64, 128, 128, 8, 3), (128, 128, 64, 8, 3), (128, 64, 128, 8, 3))]
+
+
+def all_configs() -> list[KernelConfig]:
+    """Every configuration any call may run; the interpreter tests run each one."""
+    return _splitk_configs() + _tiled_configs() + [KernelConfig("dense")]
+
+
+def m_bucket(m: int) -> int:
+    """Calls whose batch falls in one bucket share a tuned config: 1, 2, 4, ..., 4096."""
+    bucket = 1
+    while bucket < m and bucket < 4096:
+        bucket *= 2
+    return bucket
+
+
+def candidates(m: int, group_size: int | None) -> list[KernelConfig]:
+    """The configs worth timing for a batch of ``m`` rows. Tiles whose BLOCK_K does not divide the
+    group size are kept out where another tile keeps the scale-once-per-tile path."""
+    def fits(cfg: KernelConfig) -> bool:
+        return group_size is None or group_size % cfg.block_k == 0 or group_size < 64
+    out = []
+    if m <= SMALL_M:
+        out += [c for c in _splitk_configs() if (c.block_m == 1) == (m == 1)]
+    if m > 1:
+        out += [c for c in _tiled_configs() if c.block_m <= max(16, 2 * m_bucket(m))]
+    out = [c for c in out if fits(c)] or out
+    return out + [KernelConfig("dense")]
+
+
+def heuristic_config(m: int, n: int, k: int, group_size: int | None, sm_count: int = 132) -> KernelConfig:
+    """A good config without timing anything: enough programs for every SM, tiles inside a group."""
+    block_k = 128 if group_size is None or group_size % 128 == 0 else 64 if group_size % 64 == 0 else 128
+    if m >= DENSE_M:
+        return KernelConfig("dense")
+    if m > SMALL_M:
+        block_m = 32 if m <= 32 else 64
+        return KernelConfig("tiled", block_m, 64 if m <= 64 else 128, block_k, 1, 8, 4, 3)
+    block_m, block_n = (1, 64) if m == 1 else (16, 64)
+    n_tiles = -(-n // block_n)
+    k_tiles = -(-k // block_k)
+    split_k = 1
+    # Aim for four programs per SM so that loads from several programs overlap, but keep at least
+    # two K tiles in every slice.
+    while n_tiles * split_k < 4 * sm_count and split_k * 2 <= 8 and k_tiles // (split_k * 2) >= 2:
+        split_k *= 2
+    return KernelConfig("splitk", block_m, block_n, block_k, split_k, 1, 4, 3)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("COMPRESS_CACHE_DIR") or Path.home() / ".cache" / "compress")
+
+
+class Autotuner:
+    """Times candidate configs on the current GPU and remembers the fastest per shape.
+
+    One instance per process (``dequant_linear.tuner()``); its table maps
+    ``"bits|group|zp|gidx|bias|dtype|m_bucket|n|k"`` to a config name and is mirrored to
+    ``cache_dir()/autotune-<device>.json``.
+    """
+
+    def __init__(self, device_key: str, directory: Path | None = None):
+        self.device_key = device_key
+        self.path = (directory or cache_dir()) / f"autotune-{_safe(device_key)}.json"
+        self.table: dict[str, str] = self._read()
+
+    def _read(self) -> dict[str, str]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, json.JSONDecodeError) as exc:
+            log.warning("ignoring unreadable autotune cache %s (%s); it will be rewritten", self.path, exc)
+            return {}
+        if not isinstance(data, dict) or data.get("device") != self.device_key:
+            return {}
+        return {k: v for k, v in (data.get("configs") or {}).items() if isinstance(v, str)}
+
+    def _write(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".autotune-", suffix=".json")
+            with os.fdopen(fd, "w") as f:
+                json.dump({"device": self.device_key, "configs": self.table}, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            log.warning("could not write the autotune cache %s (%s); tuning will repeat next run", self.path, exc)
+
+    def lookup(self, key: str) -> KernelConfig | None:
+        name = self.table.get(key)
+        if name is None:
+            return None
+        try:
+            return KernelConfig.from_name(name)
+        except KeyError:                       # written by another version of compress
+            return None
+
+    def tune(self, key: str, run_config, configs: list[KernelConfig], bench) -> KernelConfig:
+        """Time ``run_config(cfg)`` for each config with ``bench(fn) -> ms``; keep the fastest."""
+        timings = {}
+        for cfg in configs:
+            try:
+                timings[cfg] = bench(lambda cfg=cfg: run_config(cfg))
+            except Exception as exc:           # a config the compiler or the GPU refuses (shared memory, ...)
+                log.debug("autotune %s: %s failed (%s)", key, cfg.name, exc)
+        if not timings:
+            raise RuntimeError(f"no kernel config ran for {key}")
+        best = min(timings, key=timings.get)
+        log.info("autotune %s: %s (%.4f ms; %d configs timed)", key, best.name, timings[best], len(timings))
+        self.table[key] = best.name
+        self._write()
+        return best
+
+
+def _safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
