@@ -1,13 +1,16 @@
-"""Speed of the int4 (and int8) quantized matmul against bf16 ``torch.nn.functional.linear``.
+"""Speed of the int4 / int8 / NVFP4 / MXFP4 quantized matmul against bf16 ``torch.nn.functional.linear``.
 
     python benchmarks/kernels.py                          # H100: Llama-3-8B shapes, M = 1 .. 256
     python benchmarks/kernels.py --bits 8                 # int8 per-channel weights instead
+    python benchmarks/kernels.py --format nvfp4           # NVFP4 W4A16 (E2M1, fp8 scale per 16)
+    python benchmarks/kernels.py --format mxfp4           # MXFP4 W4A16 (E2M1, E8M0 scale per 32)
     TRITON_INTERPRET=1 python benchmarks/kernels.py --device cpu --shapes 96x40 --batches 1,3 --repeat 1
 
 For each layer shape (in_features x out_features) and batch M: the median time of our kernel
-(int4, group 128, symmetric, the config the autotuner picks) and of bf16 F.linear, the speed-up,
-the ideal speed-up (bytes bf16 / bytes int4 for that M), and the bandwidth each achieves as a
-fraction of the measured device-to-device copy bandwidth (bytes read + written).
+(int4 group 128 symmetric, or the FP4 format, with the config the autotuner picks) and of bf16
+F.linear, the speed-up, the ideal speed-up (bytes bf16 / bytes quantized for that M: 3.56x for
+NVFP4 at M = 1, ignoring activations), and the bandwidth each achieves as a fraction of the
+measured device-to-device copy bandwidth (bytes read + written).
 
 Fairness: both sides run inside CUDA graphs (no launch gaps), and each side rotates over enough
 weight copies (>= 4x the L2 size) that every call reads its weights from device memory, not L2.
@@ -28,6 +31,7 @@ from pathlib import Path
 import torch
 
 from compress.kernels.dequant_linear import dequant_linear, triton_unsupported
+from compress.kernels.fp4_linear import BLOCK, fp4_linear
 from compress.quant.packing import pack_int32
 from compress.report import machine
 
@@ -35,7 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # Llama-3-8B: attention out / q (4096 -> 4096), MLP up or gate (4096 -> 14336), MLP down
 # (14336 -> 4096), fused QKV (4096 -> 4096 + 2 * 1024).
 LLAMA3_8B = ((4096, 4096), (4096, 14336), (14336, 4096), (4096, 6144))
-TARGETS = {1: 3.0, 16: 2.5}          # minimum speed-up over bf16 at these M; never below 1.0
+# Minimum speed-up over bf16 at these M, per format; never below 1.0 elsewhere.
+TARGETS = {"int": {1: 3.0, 16: 2.5}, "nvfp4": {1: 2.8}, "mxfp4": {1: 2.8}}
+FORMATS = tuple(TARGETS)
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -90,20 +96,49 @@ def weight_sets(k: int, n: int, bits: int, group_size: int | None, copies: int, 
     return out
 
 
+def fp4_weight_sets(k: int, n: int, kind: str, copies: int, device) -> list[tuple]:
+    """``copies`` random (packed, scale, global_scale) NVFP4 or MXFP4 weights of one layer."""
+    out = []
+    for _ in range(copies):
+        packed = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
+        if kind == "nvfp4":
+            # E4M3 bytes 0x28..0x5E (0.25 .. 30), global scale of a weight with amax ~0.1.
+            scale = torch.randint(0x28, 0x5F, (n, k // 16), dtype=torch.uint8).view(torch.float8_e4m3fn)
+            g = torch.tensor([2688 / 0.1], dtype=torch.float32).to(device)
+        else:
+            scale, g = torch.randint(115, 126, (n, k // 32), dtype=torch.uint8), None
+        out.append((packed.to(device), scale.to(device), g))
+    return out
+
+
+def quantized_bytes(k: int, n: int, args) -> float:
+    """Bytes of one packed weight: codes plus scales (int: bf16 scales; NVFP4: fp8 + the global)."""
+    if args.format == "int":
+        return n * k * args.bits / 8 + n * (1 if args.group_size is None else -(-k // args.group_size)) * 2
+    return n * k / 2 + n * k // BLOCK[args.format] + (4 if args.format == "nvfp4" else 0)
+
+
 def measure(k: int, n: int, m: int, args, bench, device, copy_bw: float) -> dict:
     bits, group = args.bits, args.group_size
-    q_bytes = n * k * bits / 8 + n * (1 if group is None else -(-k // group)) * 2
+    q_bytes = quantized_bytes(k, n, args)
     io_bytes = (m * k + m * n) * 2
     bf16_bytes = n * k * 2
     rotate = max(1, -(-4 * l2_bytes(device) // int(min(q_bytes, bf16_bytes))))
-    qs = weight_sets(k, n, bits, group, rotate, device)
     ws = [torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02 for _ in range(rotate)]
     x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-    meta = dict(bits=bits, group_size=group, in_features=k, backend="triton")
+    if args.format == "int":
+        qs = weight_sets(k, n, bits, group, rotate, device)
+        meta = dict(bits=bits, group_size=group, in_features=k, backend="triton")
 
-    def ours():
-        for packed, scale in qs:
-            dequant_linear(x, packed, scale, None, None, **meta)
+        def ours():
+            for packed, scale in qs:
+                dequant_linear(x, packed, scale, None, None, **meta)
+    else:
+        fqs = fp4_weight_sets(k, n, args.format, rotate, device)
+
+        def ours():
+            for packed, scale, g in fqs:
+                fp4_linear(x, packed, scale, g, None, kind=args.format, backend="triton")
 
     def dense():
         for w in ws:
@@ -112,12 +147,14 @@ def measure(k: int, n: int, m: int, args, bench, device, copy_bw: float) -> dict
     ours()                                        # autotunes this shape outside any graph capture
     t_ours = bench(ours) / rotate
     t_bf16 = bench(dense) / rotate
-    row = {"in_features": k, "out_features": n, "m": m, "bits": bits, "group_size": group,
+    fp4 = args.format != "int"
+    row = {"in_features": k, "out_features": n, "m": m, "format": args.format, "bits": 4 if fp4 else bits,
+           "group_size": None if fp4 else group, "block_size": BLOCK[args.format] if fp4 else None,
            "ours_us": t_ours * 1e3, "bf16_us": t_bf16 * 1e3, "speedup": t_bf16 / t_ours,
            "ideal_speedup": (bf16_bytes + io_bytes) / (q_bytes + io_bytes), "weight_copies": rotate}
     row["ours_bw_frac"] = (q_bytes + io_bytes) / (t_ours * 1e-3) / copy_bw
     row["bf16_bw_frac"] = (bf16_bytes + io_bytes) / (t_bf16 * 1e-3) / copy_bw
-    row["target"] = TARGETS.get(m, 1.0)
+    row["target"] = TARGETS[args.format].get(m, 1.0)
     row["meets_target"] = row["speedup"] >= row["target"]
     return row
 
@@ -134,12 +171,22 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def describe(args) -> str:
+    if args.format == "nvfp4":
+        return "NVFP4 (E2M1, E4M3 scale per 16, float32 global)"
+    if args.format == "mxfp4":
+        return "MXFP4 (E2M1, E8M0 scale per 32)"
+    return f"int{args.bits} {'g' + str(args.group_size) if args.group_size else 'per channel'}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shapes", type=parse_shapes, default=list(LLAMA3_8B), help="IN1xOUT1,IN2xOUT2,...")
     p.add_argument("--batches", default="1,4,16,64,256", help="comma-separated M values")
-    p.add_argument("--bits", type=int, choices=[4, 8], default=4)
+    p.add_argument("--format", choices=FORMATS, default="int",
+                   help="int: pack-quantized int4/int8 (--bits, --group-size); nvfp4 / mxfp4: FP4 W4A16")
+    p.add_argument("--bits", type=int, choices=[4, 8], default=4, help="--format int only")
     p.add_argument("--group-size", type=lambda s: None if s == "channel" else int(s), default=None)
     p.add_argument("--no-graphs", action="store_true", help="time eager launches instead of CUDA graphs")
     p.add_argument("--repeat", type=int, default=5, help="CPU only: timed repetitions")
@@ -159,12 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = [measure(k, n, int(m), args, bench, device, copy_bw)
             for k, n in args.shapes for m in args.batches.split(",")]
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; copy bandwidth "
-          f"{copy_bw / 1e9:.0f} GB/s (read + write); int{args.bits} "
-          f"{'g' + str(args.group_size) if args.group_size else 'per channel'}; "
+          f"{copy_bw / 1e9:.0f} GB/s (read + write); {describe(args)}; "
           f"{'CUDA graphs' if device.type == 'cuda' and not args.no_graphs else 'eager'}")
     print(format_table(rows))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    out = args.json_out or ROOT / "benchmarks" / "results" / f"kernels-{name.replace(' ', '_')}.json"
+    suffix = "" if args.format == "int" else f"-{args.format}"
+    out = args.json_out or ROOT / "benchmarks" / "results" / f"kernels-{name.replace(' ', '_')}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": "python benchmarks/kernels.py " + " ".join(argv or sys.argv[1:]),
                                "machine": machine(), "copy_bandwidth_Bps": copy_bw,

@@ -1,7 +1,8 @@
 """Quality, speed and size of RTN and GPTQ weight quantization on SmolLM2-135M.
 
-    python benchmarks/quantization.py                      # all settings, ~20 minutes on 2 CPU cores
+    python benchmarks/quantization.py                      # float + integer settings, ~20 minutes on 2 CPU cores
     python benchmarks/quantization.py --only gptq-w4g64-sym --verify
+    python benchmarks/quantization.py --fp4 --verify --output benchmarks/results/quantization-smollm2-fp4.json
 
 For each setting: WikiText-2 test perplexity (first 40 windows of 512 tokens), quantization wall
 time (calibration data + solve; GPTQ calibrates on 64 windows of 512 tokens from valid.txt, seed 0),
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 import compress
+from compress.quant.fp4_linear import FP4Linear
 from compress.quant.linear import QuantLinear
 from compress.report import machine
 
@@ -41,7 +43,15 @@ SETTINGS = {
     "gptq-w3g64-asym": compress.GPTQConfig(bits=3, group_size=64, symmetric=False),
     "rtn-w8-channel": compress.RTNConfig(bits=8, group_size=None, symmetric=True),
     "gptq-w8-channel": compress.GPTQConfig(bits=8, group_size=None, symmetric=True),
+    # 4-bit floats (FP4 settings: --only with the names below; see docs/nvfp4.md)
+    "nvfp4a16-rtn": compress.RTNConfig(scheme="nvfp4a16"),
+    "nvfp4a16-gptq": compress.GPTQConfig(scheme="nvfp4a16", observer="mse"),
+    "nvfp4-rtn": compress.RTNConfig(scheme="nvfp4"),
+    "nvfp4-gptq": compress.GPTQConfig(scheme="nvfp4", observer="mse"),
+    "mxfp4-rtn": compress.RTNConfig(scheme="mxfp4"),
+    "mxfp4-gptq": compress.GPTQConfig(scheme="mxfp4", observer="mse"),
 }
+FP4 = [name for name, cfg in SETTINGS.items() if cfg is not None and cfg.scheme != "int"]
 
 
 def ideal_bytes(model) -> int:
@@ -50,6 +60,13 @@ def ideal_bytes(model) -> int:
     total = 0
     seen = set()
     for name, module in model.named_modules():
+        if isinstance(module, FP4Linear):
+            n = module.in_features * module.out_features
+            total += n * 4 / 8 + module.weight_scale.numel()          # codes + 8-bit block scales
+            total += 4 * sum(t is not None for t in (module.weight_global_scale, module.input_global_scale))
+            if module.bias is not None:
+                total += module.bias.numel() * module.bias.element_size()
+            continue
         if isinstance(module, QuantLinear):
             n = module.in_features * module.out_features
             total += n * module.bits / 8 + module.weight_scale.numel() * module.weight_scale.element_size()
@@ -66,9 +83,12 @@ def ideal_bytes(model) -> int:
     return int(total)
 
 
-def perplexity(model, tok, args) -> float:
-    return compress.evaluate(model, tok, args.eval, seqlen=args.seqlen, max_windows=args.max_windows,
-                             progress=False).perplexity
+def perplexity(model, tok, args, row: dict | None = None, key: str = "eval_seconds") -> float:
+    result = compress.evaluate(model, tok, args.eval, seqlen=args.seqlen, max_windows=args.max_windows,
+                               progress=False)
+    if row is not None:
+        row[key] = result.seconds
+    return result.perplexity
 
 
 def run_setting(name, cfg, base, tok, args) -> dict:
@@ -78,12 +98,12 @@ def run_setting(name, cfg, base, tok, args) -> dict:
         row["config"] = cfg.to_dict()
         start = time.perf_counter()
         calib = None
-        if isinstance(cfg, compress.GPTQConfig):
+        if isinstance(cfg, compress.GPTQConfig) or cfg.scheme == "nvfp4":       # W4A4 needs activation ranges
             calib = compress.calibration_data(tok, args.calib, samples=args.samples, seqlen=args.seqlen,
                                               seed=args.seed)
         compress.quantize(model, cfg, calib=calib, progress=False)
         row["quantize_seconds"] = time.perf_counter() - start
-    row["perplexity"] = perplexity(model, tok, args)
+    row["perplexity"] = perplexity(model, tok, args, row)
     with tempfile.TemporaryDirectory() as tmp:
         path = compress.export(model, tok, Path(tmp) / name)
         row["checkpoint_bytes"] = sum(f.stat().st_size for f in path.glob("*.safetensors"))
@@ -97,6 +117,13 @@ def run_setting(name, cfg, base, tok, args) -> dict:
             # Asymmetric: compressed-tensors 0.20's default path mis-sizes packed zero points
             # (llm-compressor issue #1618); dequantize=True is the documented workaround.
             kwargs = {} if cfg.symmetric else {"quantization_config": CompressedTensorsConfig(dequantize=True)}
+            if cfg.scheme != "int":
+                # compressed-tensors 0.20 decompresses FP4 weights to bfloat16 whatever the model dtype, so
+                # both runtimes are compared in bfloat16 (a float32 model fails with a dtype mismatch).
+                kwargs = {"dtype": torch.bfloat16}
+                ours, _ = compress.load_model(path, dtype="bfloat16")
+                row["reload_bf16_perplexity"] = perplexity(ours, tok, args)
+                del ours
             theirs = AutoModelForCausalLM.from_pretrained(path, **kwargs)
             row["transformers_perplexity"] = perplexity(theirs, tok, args)
             del theirs
@@ -104,14 +131,16 @@ def run_setting(name, cfg, base, tok, args) -> dict:
 
 
 def table(rows) -> str:
-    head = f"{'setting':<18}{'perplexity':>11}{'quant s':>9}{'ckpt MiB':>10}{'/ideal':>8}{'reload':>9}{'transformers':>14}"
+    head = (f"{'setting':<18}{'perplexity':>11}{'quant s':>9}{'eval s':>8}{'ckpt MiB':>10}{'/ideal':>8}"
+            f"{'reload':>9}{'reload bf16':>12}{'transformers':>14}")
     lines = [head, "-" * len(head)]
     for r in rows:
         def f(key, spec):
             return format(r[key], spec) if r.get(key) is not None else "-"
         lines.append(f"{r['setting']:<18}{f('perplexity', '.3f'):>11}{f('quantize_seconds', '.1f'):>9}"
-                     f"{r['checkpoint_bytes'] / 2**20:>10.1f}{r['size_over_ideal']:>8.4f}"
-                     f"{f('reload_perplexity', '.3f'):>9}{f('transformers_perplexity', '.3f'):>14}")
+                     f"{f('eval_seconds', '.1f'):>8}{r['checkpoint_bytes'] / 2**20:>10.1f}{r['size_over_ideal']:>8.4f}"
+                     f"{f('reload_perplexity', '.3f'):>9}{f('reload_bf16_perplexity', '.3f'):>12}"
+                     f"{f('transformers_perplexity', '.3f'):>14}")
     return "\n".join(lines)
 
 
@@ -124,7 +153,9 @@ def main(argv=None) -> int:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", nargs="*", choices=sorted(SETTINGS), help="settings to run (default: all)")
+    p.add_argument("--only", nargs="*", choices=sorted(SETTINGS),
+                   help="settings to run (default: float and the integer settings)")
+    p.add_argument("--fp4", action="store_true", help="run float and the FP4 settings (NVFP4A16, W4A4, MXFP4)")
     p.add_argument("--verify", action="store_true", help="reload each export (compress and transformers)")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "quantization-smollm2.json"))
     args = p.parse_args(argv)
@@ -132,7 +163,8 @@ def main(argv=None) -> int:
 
     base, tok = compress.load_model(args.model)
     rows = []
-    for name in args.only or list(SETTINGS):
+    names = args.only or (["float", *FP4] if args.fp4 else [n for n in SETTINGS if n not in FP4])
+    for name in names:
         rows.append(run_setting(name, SETTINGS[name], base, tok, args))
         print(f"{name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                       for k, v in rows[-1].items() if k not in ("setting", "config")), flush=True)

@@ -39,7 +39,7 @@ from .errors import ConfigError, ModelLoadError
 from .kernels.dequant_linear import check_backend
 from .loading import load_model, resolve_dtype, resolve_source
 from .modeling import set_module
-from .quant.linear import QuantLinear
+from .quant.packed import PackedLinear
 from .report import machine
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> int:
     weight in ``dtype`` (default: the layer's own dtype). Returns how many were replaced."""
     count = 0
     for name, module in list(model.named_modules()):
-        if not isinstance(module, QuantLinear):
+        if not isinstance(module, PackedLinear):
             continue
         weight = module.dequantize(dtype or module.dtype)                      # (out, in)
         dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
@@ -156,8 +156,7 @@ def weight_bytes(model: nn.Module) -> int:
 
 def scheme_label(model: nn.Module) -> str:
     """e.g. ``int4 g128`` for the packed layers of ``model`` (``dense`` when it has none)."""
-    schemes = sorted({f"int{m.bits} {'ch' if m.group_size is None else f'g{m.group_size}'}"
-                      for m in model.modules() if isinstance(m, QuantLinear)})
+    schemes = sorted({m.label for m in model.modules() if isinstance(m, PackedLinear)})
     return "+".join(schemes) or "dense"
 
 
@@ -340,7 +339,7 @@ def measure(model: nn.Module, settings: BenchSettings, name: str) -> Measurement
              " (CUDA graph)" if settings.cuda_graphs else "")
     decode, graphed = decode_seconds(model, ids, settings)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    packed = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
     tokens = settings.batch_size
     return Measurement(name=name, prefill_tokens_per_s=tokens * settings.prompt_len / prefill,
                        decode_tokens_per_s=tokens * settings.new_tokens / decode, prefill_seconds=prefill,

@@ -20,6 +20,7 @@ from .evaluation import evaluate
 from .kernels.dequant_linear import BACKENDS
 from .loading import load_model
 from .quant.config import GPTQConfig, RTNConfig
+from .quant.formats import SCHEMES
 from .recipe import CalibrationSection, EvaluationSection, ExportSection, Recipe, load_recipe, run_recipe
 
 log = logging.getLogger("compress")
@@ -45,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model's weights and export a checkpoint")
     q.add_argument("model", help="checkpoint directory, .gguf file, package:PKG/FILE or hub id")
     q.add_argument("--method", choices=sorted(_METHODS), default="gptq")
+    q.add_argument("--scheme", choices=list(SCHEMES), default="int",
+                   help="weight format: int (--bits/--group-size grid), nvfp4a16 (FP4 weights, FP8 scale per 16), "
+                        "nvfp4 (W4A4: nvfp4a16 + activations, needs --calib), mxfp4 (FP4, E8M0 scale per 32)")
     q.add_argument("--bits", type=int, default=4)
     q.add_argument("--group-size", type=_group_size, default=128, help="columns per scale, or 'channel'")
     q.add_argument("--asymmetric", action="store_true", help="integer zero point per group")
@@ -134,14 +138,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _quantize(args) -> int:
     kwargs = dict(bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric,
-                  partial_groups=args.partial_groups, ignore=list(args.ignore))
+                  partial_groups=args.partial_groups, ignore=list(args.ignore), scheme=args.scheme)
     if args.observer:
         kwargs["observer"] = args.observer
     if args.method == "gptq":
         kwargs.update(act_order=not args.no_act_order, damp=args.damp)
-        if not args.calib:
-            print("compress quantize: error: --method gptq needs --calib FILE (calibration text)", file=sys.stderr)
-            return 2
+    if not args.calib and (args.method == "gptq" or args.scheme == "nvfp4"):
+        what = "--method gptq" if args.method == "gptq" else "--scheme nvfp4 (W4A4 activation scales)"
+        print(f"compress quantize: error: {what} needs --calib FILE (calibration text)", file=sys.stderr)
+        return 2
     cfg = _METHODS[args.method](**kwargs)
     recipe = Recipe(model=args.model, dtype=args.dtype, device=args.device, backend=args.backend, passes=[cfg],
                     calibration=CalibrationSection(args.calib, args.calib_samples, args.seqlen, args.seed,

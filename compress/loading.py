@@ -211,10 +211,9 @@ def load_compressed(directory: Path, dtype="auto") -> nn.Module:
         if tuple(expected[key].shape) != tuple(tensor.shape):
             raise CheckpointError(f"{directory}: tensor {key!r} has shape {tuple(tensor.shape)}, the config "
                                   f"implies {tuple(expected[key].shape)}")
-        if tensor.is_floating_point() and tensor.dtype != model_dtype:
-            state[key] = tensor.to(model_dtype)
-        elif key.endswith(".weight_g_idx") and tensor.dtype != torch.int32:
-            state[key] = tensor.to(torch.int32)
+        want = expected[key].dtype           # the model dtype, or a packed layer's own (uint8, fp8, fp32)
+        if tensor.dtype != want and (tensor.is_floating_point() or key.endswith(".weight_g_idx")):
+            state[key] = tensor.to(want)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     for name, module in model.named_modules():

@@ -129,3 +129,26 @@ def _materialized(modules: list[nn.Module], device: torch.device) -> Iterator[No
 def _get_tensor(module: nn.Module, name: str) -> torch.Tensor:
     owner, _, attr = name.rpartition(".")
     return getattr(module.get_submodule(owner) if owner else module, attr)
+
+
+# Sibling projections that serving engines fuse into one matrix (vLLM's qkv_proj, gate_up_proj):
+# formats with a per-tensor scale (NVFP4) must give them one shared scale.
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def fused_groups(names: list[str]) -> list[list[str]]:
+    """``names`` partitioned into groups that share one parent and one FUSED_SIBLINGS set; every
+    other name is a group of its own. Order follows ``names``."""
+    groups: list[list[str]] = []
+    index: dict[tuple[str, int], list[str]] = {}
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        fam = next((i for i, fam in enumerate(FUSED_SIBLINGS) if leaf in fam), None)
+        if fam is None:
+            groups.append([name])
+        elif (parent, fam) in index:
+            index[(parent, fam)].append(name)
+        else:
+            index[(parent, fam)] = [name]
+            groups.append(index[(parent, fam)])
+    return groups

@@ -146,7 +146,8 @@ def recipe_from_dict(data: Any, where: str = "recipe", base_dir: Path = Path("."
 
 
 def _needs_data(cfg: MethodConfig) -> bool:
-    return cfg.method not in ("rtn",)
+    # RTN needs no data, except NVFP4 W4A4, whose activation scale comes from calibration.
+    return cfg.method not in ("rtn",) or getattr(cfg, "scheme", "int") == "nvfp4"
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -225,6 +226,8 @@ def _evaluate(model, tok, recipe: Recipe, progress: bool, row: StageRow, echo) -
 
 def _stage_name(cfg: MethodConfig) -> str:
     d = cfg.to_dict()
+    if d.get("scheme", "int") != "int":
+        return f"{cfg.method} {d['scheme']}"
     if "bits" in d:
         group = "ch" if d.get("group_size") is None else f"g{d['group_size']}"
         return f"{cfg.method} w{d['bits']}{group}{'' if d.get('symmetric', True) else ' asym'}"

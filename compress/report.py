@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .modeling import find_decoder_layers
-from .quant.linear import QuantLinear
+from .quant.packed import PackedLinear
 
 
 @dataclasses.dataclass
@@ -52,19 +52,19 @@ def summarize(model: nn.Module) -> dict:
         if name.endswith(".weight_shape") or not _is_persistent(model, name):
             continue
         total_bytes += _tensor_bytes(t)
-        if t.is_floating_point() and not name.endswith((".weight_scale",)):
+        if t.is_floating_point() and not name.endswith((".weight_scale", "_global_scale")):
             params += t.numel()
     _, layers = find_decoder_layers(model)
     zeros = weights = 0
     linear_bytes = 0
     bits: set[str] = set()
     for module in layers.modules():
-        if isinstance(module, QuantLinear):
+        if isinstance(module, PackedLinear):
             params += module.in_features * module.out_features
             w = module.dequantize(torch.float32)
-            linear_bytes += sum(_tensor_bytes(t) for t in (module.weight_packed, module.weight_scale,
-                                                           module.weight_zero_point) if t is not None)
-            bits.add(f"int{module.bits}")
+            linear_bytes += sum(_tensor_bytes(t) for name, t in module.named_buffers(recurse=False)
+                                if name != "weight_shape")
+            bits.add(module.label.split()[0])
         elif isinstance(module, nn.Linear):
             w = module.weight
             linear_bytes += _tensor_bytes(w)

@@ -17,6 +17,7 @@ class HessianStats:
         self.in_features = in_features
         self.xtx = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.tokens = 0
+        self.amax = torch.zeros((), dtype=torch.float32, device=device)   # max |x|: NVFP4 W4A4 input scale
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, self.in_features)                      # (tokens, in)
@@ -24,6 +25,8 @@ class HessianStats:
             x = x.float()
         self.xtx.addmm_(x.t(), x)
         self.tokens += x.shape[0]
+        if x.numel():
+            self.amax = torch.maximum(self.amax, x.abs().amax())
 
     @property
     def hessian(self) -> torch.Tensor:

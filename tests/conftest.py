@@ -27,9 +27,9 @@ TEXT = (
 
 
 def _llama(**kw):
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=False, **kw)
+    cfg = LlamaConfig(**{**dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                tie_word_embeddings=False), **kw})
     return LlamaForCausalLM(cfg)
 
 

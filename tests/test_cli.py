@@ -106,3 +106,28 @@ def test_run_backend_overrides_the_recipe(base, text_file, tmp_path, monkeypatch
     with pytest.raises(SystemExit) as done:
         main(["run", str(recipe), "--backend", "cuda"])
     assert done.value.code == 2
+
+
+@pytest.mark.parametrize("scheme,method", [("nvfp4a16", "rtn"), ("nvfp4", "gptq"), ("mxfp4", "gptq")])
+def test_fp4_schemes_quantize_inspect_and_eval(base, text_file, tmp_path, capsys, scheme, method):
+    out = tmp_path / scheme
+    args = ["-q", "quantize", str(base), "--method", method, "--scheme", scheme, "--output", str(out)]
+    if method == "gptq" or scheme == "nvfp4":
+        args += ["--calib", str(text_file), "--calib-samples", "4", "--seqlen", "32"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    fmt = "mxfp4-pack-quantized" if scheme == "mxfp4" else "nvfp4-pack-quantized"
+    assert f"scheme     {fmt}: float4 e2m1" in text and ("W4A4" in text) == (scheme == "nvfp4")
+    assert main(["-q", "eval", str(out), "--data", str(text_file), "--seqlen", "32", "--max-windows", "2",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["perplexity"] > 1
+
+
+def test_w4a4_without_calibration_exits_2(base, tmp_path, capsys):
+    assert main(["quantize", str(base), "--method", "rtn", "--scheme", "nvfp4", "--output", str(tmp_path / "x")]) == 2
+    assert "--scheme nvfp4 (W4A4 activation scales) needs --calib" in capsys.readouterr().err
+    assert main(["quantize", str(base), "--method", "rtn", "--scheme", "nvfp4a16", "--bits", "8",
+                 "--output", str(tmp_path / "y")]) == 2
+    assert "bits must be 4" in capsys.readouterr().err

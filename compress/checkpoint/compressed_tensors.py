@@ -17,7 +17,9 @@ from typing import Any
 from torch import nn
 
 from ..errors import CheckpointError
+from ..quant.fp4_linear import FP4Linear
 from ..quant.linear import QuantLinear
+from ..quant.packed import PackedLinear
 
 FORMAT = "pack-quantized"
 QUANT_METHOD = "compressed-tensors"
@@ -52,16 +54,57 @@ class IntScheme:
         return args
 
 
-def scheme_of(module: QuantLinear) -> IntScheme:
+    format = FORMAT
+
+    def input_args(self) -> dict[str, Any] | None:
+        return None
+
+
+FP4_FORMATS = {"nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
+
+
+@dataclasses.dataclass(frozen=True)
+class FP4Scheme:
+    """NVFP4A16, NVFP4 (W4A4) or MXFP4(A16), as the compressed-tensors 0.20 presets write them."""
+
+    scheme: str                               # nvfp4a16 | nvfp4 | mxfp4
+
+    @property
+    def kind(self) -> str:
+        return "mxfp4" if self.scheme == "mxfp4" else "nvfp4"
+
+    @property
+    def format(self) -> str:
+        return FP4_FORMATS[self.kind]
+
+    def weights_args(self) -> dict[str, Any]:
+        if self.kind == "nvfp4":
+            return {"dynamic": False, "group_size": 16, "num_bits": 4, "scale_dtype": "torch.float8_e4m3fn",
+                    "strategy": "tensor_group", "symmetric": True, "type": "float"}
+        return {"dynamic": False, "group_size": 32, "num_bits": 4, "scale_dtype": "torch.uint8",
+                "strategy": "group", "symmetric": True, "type": "float"}
+
+    def input_args(self) -> dict[str, Any] | None:
+        if self.scheme != "nvfp4":
+            return None
+        # Dynamic per-16 local scales over a static global scale from calibration ("local").
+        return {"dynamic": "local", "group_size": 16, "num_bits": 4, "observer": "static_minmax",
+                "scale_dtype": "torch.float8_e4m3fn", "strategy": "tensor_group", "symmetric": True,
+                "type": "float"}
+
+
+def scheme_of(module: PackedLinear) -> IntScheme | FP4Scheme:
+    if isinstance(module, FP4Linear):
+        return FP4Scheme(module.scheme)
     return IntScheme(module.bits, module.group_size, module.symmetric, module.actorder, module.observer)
 
 
 def quantization_config(model: nn.Module) -> dict[str, Any] | None:
     """The ``quantization_config`` describing the QuantLinear modules of ``model`` (None if none)."""
-    by_scheme: dict[IntScheme, list[str]] = {}
+    by_scheme: dict[IntScheme | FP4Scheme, list[str]] = {}
     dense_linears: list[str] = []
     for name, module in model.named_modules():
-        if isinstance(module, QuantLinear):
+        if isinstance(module, PackedLinear):
             by_scheme.setdefault(scheme_of(module), []).append(name)
         elif isinstance(module, nn.Linear):
             dense_linears.append(name)
@@ -71,11 +114,12 @@ def quantization_config(model: nn.Module) -> dict[str, Any] | None:
     for i, (scheme, names) in enumerate(by_scheme.items()):
         # One scheme: target the class; several: each group names its modules exactly.
         targets = ["Linear"] if len(by_scheme) == 1 else sorted(names)
-        groups[f"group_{i}"] = {"format": FORMAT, "input_activations": None, "output_activations": None,
-                                "targets": targets, "weights": scheme.weights_args()}
+        groups[f"group_{i}"] = {"format": scheme.format, "input_activations": scheme.input_args(),
+                                "output_activations": None, "targets": targets, "weights": scheme.weights_args()}
+    formats = {scheme.format for scheme in by_scheme}
     return {
         "config_groups": groups,
-        "format": FORMAT,
+        "format": formats.pop() if len(formats) == 1 else "mixed-precision",
         "global_compression_ratio": None,
         "ignore": sorted(dense_linears),
         "kv_cache_scheme": None,
@@ -105,9 +149,13 @@ def parse_config(qc: dict[str, Any], where: str) -> tuple[list[tuple[list[str], 
     for gname, group in (qc.get("config_groups") or {}).items():
         fmt = group.get("format") or qc.get("format")
         w = group.get("weights") or {}
+        if fmt in FP4_FORMATS.values():
+            groups.append((list(group.get("targets") or []), _parse_fp4(fmt, group, f"{where}: config group {gname!r}")))
+            continue
         if fmt != FORMAT or w.get("type", "int") != "int":
             raise CheckpointError(f"{where}: config group {gname!r} has format {fmt!r} (weights type "
-                                  f"{w.get('type')!r}); compress can run {FORMAT!r} integer weights")
+                                  f"{w.get('type')!r}); compress runs {FORMAT!r} integer weights and "
+                                  f"{', '.join(FP4_FORMATS.values())}")
         if group.get("input_activations") or group.get("output_activations"):
             raise CheckpointError(f"{where}: config group {gname!r} quantizes activations, which compress "
                                   f"does not run yet; load it with vLLM")
@@ -124,9 +172,38 @@ def parse_config(qc: dict[str, Any], where: str) -> tuple[list[tuple[list[str], 
     return groups, list(qc.get("ignore") or [])
 
 
+def _parse_fp4(fmt: str, group: dict[str, Any], where: str) -> FP4Scheme:
+    w = group.get("weights") or {}
+    kind = "nvfp4" if fmt == FP4_FORMATS["nvfp4"] else "mxfp4"
+    want = FP4Scheme("nvfp4a16" if kind == "nvfp4" else "mxfp4").weights_args()
+    for key in ("num_bits", "type", "group_size", "strategy"):
+        if w.get(key) != want[key]:
+            raise CheckpointError(f"{where}: format {fmt!r} needs weights {key}={want[key]!r}, got {w.get(key)!r}; "
+                                  f"the config is damaged or from an unknown variant")
+    inputs = group.get("input_activations")
+    if group.get("output_activations"):
+        raise CheckpointError(f"{where}: output activation quantization is not supported; load it with vLLM")
+    if not inputs:
+        return FP4Scheme("nvfp4a16" if kind == "nvfp4" else "mxfp4")
+    if kind == "nvfp4" and inputs.get("dynamic") == "local" and inputs.get("group_size") == 16 \
+            and inputs.get("num_bits") == 4 and inputs.get("type") == "float":
+        return FP4Scheme("nvfp4")
+    raise CheckpointError(f"{where}: activations quantized as {inputs}; compress simulates NVFP4 W4A4 "
+                          f"(dynamic 'local' 16-blocks) only; load this checkpoint with vLLM")
+
+
+def _empty_module(module: nn.Linear, scheme: IntScheme | FP4Scheme) -> PackedLinear:
+    common = dict(bias=module.bias is not None, dtype=module.weight.dtype, device=module.weight.device)
+    if isinstance(scheme, FP4Scheme):
+        return FP4Linear(module.in_features, module.out_features, scheme=scheme.scheme, **common)
+    return QuantLinear(module.in_features, module.out_features, bits=scheme.bits, group_size=scheme.group_size,
+                       symmetric=scheme.symmetric, actorder=scheme.actorder, observer=scheme.observer, **common)
+
+
 def install_quant_linears(model: nn.Module, qc: dict[str, Any], where: str) -> int:
-    """Replace each Linear the config quantizes by an empty QuantLinear (on the Linear's device,
-    usually meta) ready for ``load_state_dict(assign=True)``. Returns how many were replaced."""
+    """Replace each Linear the config quantizes by an empty packed layer (QuantLinear or FP4Linear,
+    on the Linear's device, usually meta) ready for ``load_state_dict(assign=True)``. Returns how
+    many were replaced."""
     groups, ignore = parse_config(qc, where)
     replaced = 0
     for name, module in list(model.named_modules()):
@@ -134,13 +211,8 @@ def install_quant_linears(model: nn.Module, qc: dict[str, Any], where: str) -> i
             continue
         for targets, scheme in groups:
             if _match(name, module, targets):
-                new = QuantLinear(module.in_features, module.out_features, bits=scheme.bits,
-                                  group_size=scheme.group_size, symmetric=scheme.symmetric,
-                                  bias=module.bias is not None, dtype=module.weight.dtype,
-                                  device=module.weight.device, actorder=scheme.actorder,
-                                  observer=scheme.observer)
                 parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child, new)
+                setattr(model.get_submodule(parent) if parent else model, child, _empty_module(module, scheme))
                 replaced += 1
                 break
     return replaced

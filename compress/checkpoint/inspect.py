@@ -43,18 +43,22 @@ def inspect_checkpoint(path: str | Path) -> dict:
     packed = {k[: -len(".weight_packed")]: v for k, v in tensors.items() if k.endswith(".weight_packed")}
     params = 0
     for key, v in tensors.items():
-        if key.endswith((".weight_scale", ".weight_zero_point", ".weight_shape", ".weight_packed")):
+        if key.endswith((".weight_scale", ".weight_zero_point", ".weight_shape", ".weight_packed",
+                         ".weight_global_scale", ".input_global_scale", ".weight_g_idx")):
             continue
         params += math.prod(v["shape"])
     quant_params = 0
     partial = 0
     for group in (qc.get("config_groups") or {}).values():
         w = group.get("weights") or {}
+        a = group.get("input_activations") or {}
         info["schemes"].append({
-            "targets": group.get("targets"), "bits": w.get("num_bits"), "type": w.get("type"),
-            "strategy": w.get("strategy"), "group_size": w.get("group_size"), "symmetric": w.get("symmetric"),
-            "actorder": w.get("actorder"), "observer": w.get("observer")})
-    shapes = _weight_shapes(files)
+            "targets": group.get("targets"), "format": group.get("format") or qc.get("format"),
+            "bits": w.get("num_bits"), "type": w.get("type"), "strategy": w.get("strategy"),
+            "group_size": w.get("group_size"), "symmetric": w.get("symmetric"), "scale_dtype": w.get("scale_dtype"),
+            "actorder": w.get("actorder"), "observer": w.get("observer"),
+            "activations": f"{a.get('type')}{a.get('num_bits')} dynamic={a.get('dynamic')}" if a else None})
+    shapes = _weight_shapes(files, tensors)
     for module in packed:
         out_features, in_features = shapes[module]
         quant_params += out_features * in_features
@@ -72,9 +76,13 @@ def inspect_checkpoint(path: str | Path) -> dict:
     return info
 
 
-def _weight_shapes(files) -> dict[str, tuple[int, int]]:
-    """module -> dense (out, in) from the tiny ``weight_shape`` tensors."""
+def _weight_shapes(files, tensors: dict[str, dict]) -> dict[str, tuple[int, int]]:
+    """module -> dense (out, in): from the tiny ``weight_shape`` tensors (integer formats), else from
+    FP4's uint8 ``weight_packed`` (out, in/2), which carries no weight_shape."""
     shapes = {}
+    for key, v in tensors.items():
+        if key.endswith(".weight_packed") and v["dtype"] == "U8":
+            shapes[key[: -len(".weight_packed")]] = (v["shape"][0], 2 * v["shape"][1])
     for f in files:
         with safe_open(str(f), framework="pt") as fh:
             for key in fh.keys():
@@ -104,6 +112,11 @@ def format_inspection(info: dict) -> str:
              f"  parameters {info['parameters']:,} ({info['quantized_parameters']:,} quantized in "
              f"{info['quantized_modules']} modules)"]
     for s in info["schemes"]:
+        if s["type"] == "float":
+            acts = f", activations {s['activations']} (W4A4)" if s["activations"] else ", 16-bit activations"
+            lines.append(f"  scheme     {s['format']}: float4 e2m1, block {s['group_size']}, "
+                         f"{(s['scale_dtype'] or '').removeprefix('torch.')} scales{acts}, targets={s['targets']}")
+            continue
         group = "per channel" if s["strategy"] == "channel" else f"group {s['group_size']}"
         kind = "symmetric" if s["symmetric"] else "asymmetric"
         lines.append(f"  scheme     {s['type']}{s['bits']} {group} {kind}, actorder={s['actorder']}, "

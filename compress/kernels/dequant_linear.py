@@ -133,6 +133,15 @@ def dequant_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
 
 def choose_config(x2: torch.Tensor, n: int, has_bias: bool, has_zp: bool, has_gidx: bool, run, *,
                   bits: int, group_size: int | None) -> tuning.KernelConfig:
+    key = (f"int{bits}|g{group_size or 'ch'}|zp{int(has_zp)}|gidx{int(has_gidx)}|bias{int(has_bias)}|"
+           f"{str(x2.dtype).removeprefix('torch.')}|m{tuning.m_bucket(x2.shape[0])}|n{n}|k{x2.shape[1]}")
+    return pick_config(x2, n, group_size, key, run)
+
+
+def pick_config(x2: torch.Tensor, n: int, group_size: int | None, key: str, run) -> tuning.KernelConfig:
+    """The config for ``x2`` (M, K) times an (N, K) weight: tuned for this GPU and ``key``, else tuned
+    now (outside CUDA-graph capture) by timing ``run(cfg)``, else the shape heuristic. Shared by the
+    integer and FP4 kernels."""
     m, k = x2.shape
     if x2.device.type != "cuda":
         return tuning.heuristic_config(m, n, k, group_size, sm_count=4)
@@ -140,8 +149,6 @@ def choose_config(x2: torch.Tensor, n: int, has_bias: bool, has_zp: bool, has_gi
     if os.environ.get("COMPRESS_AUTOTUNE", "1") == "0":
         return tuning.heuristic_config(m, n, k, group_size, sms)
     tuner = _tuner(x2.device.index if x2.device.index is not None else torch.cuda.current_device())
-    key = (f"int{bits}|g{group_size or 'ch'}|zp{int(has_zp)}|gidx{int(has_gidx)}|bias{int(has_bias)}|"
-           f"{str(x2.dtype).removeprefix('torch.')}|m{tuning.m_bucket(m)}|n{n}|k{k}")
     cfg = tuner.lookup(key)
     if cfg is not None:
         return cfg

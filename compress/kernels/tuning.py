@@ -125,8 +125,9 @@ class Autotuner:
     """Times candidate configs on the current GPU and remembers the fastest per shape.
 
     One instance per process (``dequant_linear.tuner()``); its table maps
-    ``"bits|group|zp|gidx|bias|dtype|m_bucket|n|k"`` to a config name and is mirrored to
-    ``cache_dir()/autotune-<device>.json``.
+    ``"bits|group|zp|gidx|bias|dtype|m_bucket|n|k"`` (int kernels, ``int4|...``) or
+    ``"format|bias|dtype|m_bucket|n|k"`` (FP4 kernels, ``nvfp4|...`` / ``mxfp4|...``) to a config
+    name and is mirrored to ``cache_dir()/autotune-<device>.json``.
     """
 
     def __init__(self, device_key: str, directory: Path | None = None):

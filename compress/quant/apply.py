@@ -13,10 +13,14 @@ from tqdm.auto import tqdm
 
 from ..engine import default_device, run_layerwise
 from ..errors import ConfigError
-from ..modeling import find_decoder_layers, get_module, name_matches, onloaded, set_module, tied_parameter_names
+from ..kernels.fp4_linear import BLOCK
+from ..modeling import (find_decoder_layers, fused_groups, get_module, name_matches, onloaded, set_module,
+                        tied_parameter_names)
 from ..stats import HessianStats
 from .config import GPTQConfig, IntWeightConfig
 from .grid import check_group_size
+from .fp4 import nvfp4_global_scale
+from .fp4_linear import SCHEME_KIND, FP4Linear
 from .gptq import gptq_solve
 from .linear import QuantLinear
 from .rtn import QuantResult, rtn_solve
@@ -43,6 +47,7 @@ class IntWeightQuantizer:
         self.name = cfg.method
         self.records: dict[str, ModuleRecord] = {}
         self._results: dict[str, QuantResult] = {}
+        self._input_amax: dict[str, torch.Tensor] = {}      # W4A4: max |input| seen in calibration
         self.targets = self._select_targets(model)
         self._actorder = "static" if getattr(cfg, "act_order", False) else None
 
@@ -55,7 +60,14 @@ class IntWeightQuantizer:
             if name in tied:
                 log.warning("%s shares its weight with another module (tied embeddings); left unquantized", name)
                 continue
-            check_group_size(name, module.in_features, self.cfg.group_size, self.cfg.partial_groups)
+            if self.cfg.scheme == "int":
+                check_group_size(name, module.in_features, self.cfg.group_size, self.cfg.partial_groups)
+            else:
+                block = BLOCK[SCHEME_KIND[self.cfg.scheme]]
+                if module.in_features % block:
+                    raise ConfigError(f"{self.cfg.scheme} stores blocks of {block} inputs, but in_features "
+                                      f"{module.in_features} of {name} is not a multiple of {block}; add "
+                                      f"{name!r} to ignore (it stays in full precision)")
             targets[name] = module
         if not targets:
             raise ConfigError(f"no nn.Linear layer of {type(model).__name__} is left to quantize after "
@@ -74,6 +86,10 @@ class IntWeightQuantizer:
         dequantized weights back so the rest of the layer computes with them."""
         weight = torch.cat([m.weight.detach() for m in modules], dim=0)
         dtype = modules[0].weight.dtype
+        input_amax = stats.amax if stats is not None and stats.tokens > 0 else None
+        if self.cfg.scheme == "nvfp4" and input_amax is None:
+            raise ConfigError(f"{names[0]}: scheme 'nvfp4' (W4A4) needs the activations' range from "
+                              f"calibration data; pass calib= (CLI: --calib FILE)")
         if stats is not None and stats.tokens > 0 and isinstance(self.cfg, GPTQConfig):
             result = gptq_solve(stats.hessian, weight, self.cfg, scale_dtype=dtype)
         else:
@@ -89,9 +105,12 @@ class IntWeightQuantizer:
             row += module.out_features
             part = QuantResult(result.codes[rows], result.scale[rows],
                                None if result.zero_point is None else result.zero_point[rows],
-                               result.weight[rows], result.loss, result.damp, result.fallback)
+                               result.weight[rows], result.loss, result.damp, result.fallback,
+                               result.global_scale)
             module.weight.data.copy_(part.weight.to(dtype))
             self._results[name] = part
+            if input_amax is not None:
+                self._input_amax[name] = input_amax
             self.records[name] = ModuleRecord(name, tuple(module.weight.shape), result.loss, result.damp,
                                               result.fallback)
 
@@ -101,10 +120,16 @@ class IntWeightQuantizer:
             full = f"{prefix}{local}"
             result = self._results.pop(full)
             old = get_module(root, local)
-            new = QuantLinear.from_codes(result.codes, result.scale, result.zero_point, bits=self.cfg.bits,
-                                         group_size=self.cfg.group_size, bias=old.bias,
-                                         dtype=old.weight.dtype, actorder=self._actorder,
-                                         observer=self.cfg.observer)
+            if self.cfg.scheme == "int":
+                new = QuantLinear.from_codes(result.codes, result.scale, result.zero_point, bits=self.cfg.bits,
+                                             group_size=self.cfg.group_size, bias=old.bias,
+                                             dtype=old.weight.dtype, actorder=self._actorder,
+                                             observer=self.cfg.observer)
+            else:
+                amax = self._input_amax.pop(full, None)
+                new = FP4Linear.from_codes(result.codes, result.scale, result.global_scale, scheme=self.cfg.scheme,
+                                           bias=old.bias, dtype=old.weight.dtype, observer=self.cfg.observer,
+                                           input_global_scale=None if amax is None else nvfp4_global_scale(amax))
             set_module(root, local, new.to(old.weight.device))
 
 
@@ -115,9 +140,10 @@ def quantize_weights(model: nn.Module, cfg: IntWeightConfig, calib=None, *, devi
     start = time.perf_counter()
     layers_name, layers = find_decoder_layers(model)
     outside = [n for n in quantizer.targets if not n.startswith(layers_name + ".")]
-    if isinstance(cfg, GPTQConfig):
+    if isinstance(cfg, GPTQConfig) or cfg.scheme == "nvfp4":
         if calib is None:
-            raise ConfigError("GPTQ needs calibration data: pass calib=compress.calibration_data(tokenizer, "
+            what = "GPTQ" if isinstance(cfg, GPTQConfig) else "scheme 'nvfp4' (W4A4: the activations' range)"
+            raise ConfigError(f"{what} needs calibration data: pass calib=compress.calibration_data(tokenizer, "
                               "TEXT_FILE, samples=..., seqlen=...) (CLI: --calib FILE)")
         run_layerwise(model, calib, quantizer, device=device, batch_size=batch_size, progress=progress)
     else:
@@ -126,8 +152,9 @@ def quantize_weights(model: nn.Module, cfg: IntWeightConfig, calib=None, *, devi
             prefix = f"{layers_name}.{i}."
             names = [n for n, _ in layer.named_modules() if prefix + n in quantizer.targets]
             with onloaded(layer, device):
-                for name in names:
-                    quantizer.solve([prefix + name], [layer.get_submodule(name)], None)
+                # q/k/v and gate/up are solved stacked, so they share a per-tensor (NVFP4) scale.
+                for group in fused_groups(names):
+                    quantizer.solve([prefix + n for n in group], [layer.get_submodule(n) for n in group], None)
                 quantizer.finalize(layer, prefix, names)
     for name in outside:                      # e.g. lm_head when not ignored: no layer inputs captured
         if isinstance(cfg, GPTQConfig):

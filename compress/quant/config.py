@@ -7,6 +7,7 @@ from typing import Literal
 
 from ..configs import MethodConfig, register_method
 from ..errors import ConfigError
+from .formats import SCHEMES
 
 
 @dataclasses.dataclass
@@ -29,6 +30,15 @@ class IntWeightConfig(MethodConfig):
     ignore:         module-name patterns left in full precision: a glob matched against the full
                     name or any dotted suffix ("lm_head", "mlp.down_proj", "*.layers.0.*"), or
                     "re:<regex>" searched in the full name.
+    scheme:         the weight format: "int" (the integer grid above), or a 4-bit float format
+                    whose block size and scales are fixed by the format ("group_size",
+                    "symmetric" and "partial_groups" do not apply):
+                    "nvfp4a16" (E2M1 weights, an FP8 E4M3 scale per 16 inputs, a float32 global
+                    scale per tensor; activations stay 16-bit), "nvfp4" (the same weights plus
+                    activations rounded to NVFP4 per 16-block at run time over a static global
+                    scale from calibration: W4A4; needs calibration data even with rtn), or
+                    "mxfp4" (E2M1 weights, an E8M0 power-of-two scale per 32 inputs).
+                    With observer "mse" the FP4 block scales are searched too.
     """
 
     bits: int = 4
@@ -37,8 +47,16 @@ class IntWeightConfig(MethodConfig):
     observer: Literal["minmax", "mse"] = "minmax"
     partial_groups: bool = False
     ignore: list[str] = dataclasses.field(default_factory=lambda: ["lm_head"])
+    scheme: Literal["int", "nvfp4a16", "nvfp4", "mxfp4"] = "int"
 
     def validate(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ConfigError(f"scheme must be one of {', '.join(SCHEMES)}; got {self.scheme!r}")
+        if self.scheme != "int":
+            if self.bits != 4:
+                raise ConfigError(f"scheme {self.scheme!r} stores 4-bit floats; bits must be 4, got {self.bits}")
+            if not self.symmetric:
+                raise ConfigError(f"scheme {self.scheme!r} is symmetric (no zero points); drop symmetric: false")
         if not 2 <= self.bits <= 8:
             raise ConfigError(f"bits must be between 2 and 8, got {self.bits}")
         if self.group_size is not None and self.group_size <= 0:

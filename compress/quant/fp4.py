@@ -64,7 +64,7 @@ import math
 
 import torch
 
-from .fp4_packing import FP4_MAX, e2m1_decode, e2m1_encode, e8m0_decode
+from .fp4_packing import FP4_MAX, e2m1_decode, e2m1_encode, e2m1_round, e8m0_decode
 
 FP8_E4M3_MAX = 448.0
 NVFP4_GROUP_SIZE = 16
@@ -251,3 +251,23 @@ def mxfp4_fake_quantize(w: torch.Tensor, name: str = "weight") -> torch.Tensor:
     s = e8m0_decode(_mxfp4_scales(wg)).unsqueeze(-1)               # (rows, groups, 1)
     return (e2m1_decode(_encode_scaled(wg / s)) * s).reshape(w.shape).to(w.dtype)
 
+
+
+def nvfp4_fake_quantize_activations(x: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """NVFP4 W4A4 run-time rounding of activations ``x`` (tokens, in): dynamic per-16-block scales
+    over the static ``global_scale``, exactly as compressed-tensors' ``dynamic: "local"`` path
+    (``forward.py: forward_quantize`` -> ``helpers.py: compute_dynamic_scales_and_zp`` ->
+    ``_quantize_dequantize``): the block max over 6 is rounded in the activations' own dtype, then
+    scaled by the float32 global scale, cast to E4M3 (0 -> 0.125); the values are divided by
+    ``scale / global`` in float32, rounded to E2M1 and multiplied back, then cast to x's dtype."""
+    rows, cols = x.shape
+    if cols % NVFP4_GROUP_SIZE:
+        raise ValueError(f"NVFP4 activations need a multiple of {NVFP4_GROUP_SIZE} features, got {cols}")
+    xg = x.reshape(rows, cols // NVFP4_GROUP_SIZE, NVFP4_GROUP_SIZE)
+    g = _as_global(global_scale, x.device)
+    amax_over_six = xg.abs().amax(dim=-1) / torch.tensor(FP4_MAX, dtype=x.dtype, device=x.device)
+    s = (g * amax_over_six).clamp(max=FP8_E4M3_MAX).to(torch.float8_e4m3fn).float()
+    s = torch.where(s == 0, torch.full_like(s, NVFP4_ZERO_BLOCK_SCALE), s)
+    eff = (s / g).unsqueeze(-1)                                    # (rows, groups, 1)
+    q = e2m1_round(xg.float() / eff) * eff                         # = e2m1_decode(e2m1_encode(.)) * eff
+    return q.reshape(rows, cols).to(x.dtype)

@@ -44,6 +44,15 @@ def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
     return idx | (torch.signbit(x).to(torch.uint8) << 3)
 
 
+def e2m1_round(x: torch.Tensor) -> torch.Tensor:
+    """``e2m1_decode(e2m1_encode(x))`` as float32 values, several times faster (the activation path):
+    the E2M1 grid has step 0.5 below 2, 1 below 4 and 2 up to 6, so rounding half to even within
+    the step (``torch.round``) is rounding half to even on the grid; above 6 saturates."""
+    a = x.float().abs().clamp(max=FP4_MAX)
+    step = torch.where(a < 2, 0.5, torch.where(a < 4, 1.0, 2.0))
+    return torch.copysign(torch.round(a / step) * step, x.float())
+
+
 def _check_codes(codes: torch.Tensor, what: str) -> None:
     if codes.dtype != torch.uint8:
         raise ValueError(f"{what} expects uint8 E2M1 codes, got {codes.dtype}")

@@ -8,6 +8,9 @@ Groups: without act-order, a group's scale is chosen when the solve reaches its 
 the weights as the error feedback has left them. With act-order, columns are visited by decreasing
 H diagonal, but the groups stay the natural contiguous column ranges and their scales are fixed
 before the solve ("static" groups), so the checkpoint needs no g_idx.
+
+The grid is the format's (``formats.py``): the integer grid, or E2M1 codes on NVFP4 / MXFP4 block
+scales (GPTQ on the FP4 grid: the same error feedback, the FP4 rounding of each column).
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ import logging
 import torch
 
 from .config import GPTQConfig
-from .grid import code_range, compute_qparams, num_groups
-from .rtn import QuantResult, rtn_solve
+from .formats import QuantResult, make_format
+from .rtn import rtn_solve
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +48,10 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Te
 
 
 def gptq_solve(hessian: torch.Tensor, weight: torch.Tensor, cfg: GPTQConfig,
-               scale_dtype: torch.dtype) -> QuantResult:
-    """Quantize ``weight`` (rows, cols) given the input Hessian ``hessian`` (cols, cols)."""
+               scale_dtype: torch.dtype, fmt=None) -> QuantResult:
+    """Quantize ``weight`` (rows, cols) given the input Hessian ``hessian`` (cols, cols), on the
+    grid of ``fmt`` (default: the format ``cfg.scheme`` names: integer, NVFP4 or MXFP4)."""
+    fmt = fmt or make_format(cfg, scale_dtype)
     w = weight.float().clone()
     h = hessian.float().clone()
     rows, cols = w.shape
@@ -58,29 +63,25 @@ def gptq_solve(hessian: torch.Tensor, weight: torch.Tensor, cfg: GPTQConfig,
     w[:, dead] = 0.0
     diag = h.diagonal().clone()
 
-    g = cfg.group_size or cols
-    static = cfg.act_order or cfg.group_size is None
-    groups = num_groups(cols, cfg.group_size)
-    scale = torch.ones(rows, groups, device=w.device)
-    zp = torch.zeros(rows, groups, device=w.device)
-    if static:
-        scale, zp = compute_qparams(w, cfg.bits, cfg.group_size, cfg.symmetric, scale_dtype,
-                                    cfg.observer, diag)
+    g = fmt.group_size or cols
+    static = cfg.act_order or fmt.group_size is None
+    # Static groups: every group's scale is fitted to the weights before the solve; otherwise a
+    # group is fitted when the solve reaches its first column.
+    params = fmt.fit(w, diag) if static else fmt.empty(rows, cols, w.device)
 
     perm = torch.argsort(diag, descending=True) if cfg.act_order else torch.arange(cols, device=w.device)
     w, h = w[:, perm], h[perm][:, perm]
-    group_of = perm // g                       # processed column -> its (natural) group
+    group_of = (perm // g).tolist()            # processed column -> its (natural) group
 
     hinv, damp = inverse_hessian_factor(h, cfg.damp)
     if hinv is None:
         msg = f"Cholesky failed even with damp={damp:g}; fell back to round-to-nearest"
-        result = rtn_solve(weight, cfg, scale_dtype, diag.clamp(min=0))
+        result = rtn_solve(weight, cfg, scale_dtype, diag.clamp(min=0), fmt=make_format(cfg, scale_dtype))
         result.fallback = msg
         return result
 
-    qmin, qmax = code_range(cfg.bits)
     block = max(cfg.gptq_block_size, g) if static else -(-cfg.gptq_block_size // g) * g
-    codes = torch.zeros(rows, cols, dtype=torch.int8, device=w.device)
+    codes = torch.zeros(rows, cols, dtype=fmt.codes_dtype, device=w.device)
     deq = torch.zeros_like(w)
     losses = torch.zeros(rows, device=w.device)
     for i1 in range(0, cols, block):
@@ -91,14 +92,10 @@ def gptq_solve(hessian: torch.Tensor, weight: torch.Tensor, cfg: GPTQConfig,
         for i in range(i2 - i1):
             col = i1 + i
             if not static and col % g == 0:    # dynamic group starts: fit it to the updated weights
-                k = col // g
-                scale[:, k:k + 1], zp[:, k:k + 1] = compute_qparams(
-                    w1[:, i:i + g], cfg.bits, None, cfg.symmetric, scale_dtype, cfg.observer, diag[col:col + g])
-            s, z = scale[:, group_of[col]], zp[:, group_of[col]]
+                fmt.fit_group(params, col // g, w1[:, i:i + g], diag[col:col + g])
             x = w1[:, i]
-            q = torch.clamp(torch.round(x / s) + z, qmin, qmax)
-            xq = (q - z) * s
-            codes[:, col] = q.to(torch.int8)
+            q, xq = fmt.round_column(x, params, group_of[col])
+            codes[:, col] = q
             deq[:, col] = xq
             d = hinv1[i, i]
             e = (x - xq) / d
@@ -108,5 +105,4 @@ def gptq_solve(hessian: torch.Tensor, weight: torch.Tensor, cfg: GPTQConfig,
         w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1.0)
 
     inv = torch.argsort(perm)
-    return QuantResult(codes[:, inv], scale, None if cfg.symmetric else zp, deq[:, inv],
-                       float(losses.sum()), damp=damp)
+    return fmt.result(codes[:, inv], params, deq[:, inv], float(losses.sum()), damp=damp)

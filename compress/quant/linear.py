@@ -19,13 +19,14 @@ from torch import nn
 from ..errors import CheckpointError
 from ..kernels.dequant_linear import dequant_linear, dequant_weight
 from .grid import num_groups
+from .packed import PackedLinear
 from .packing import pack_int32, packed_words
 
 # actorder values whose checkpoints carry a per-column group index (``weight_g_idx``).
 DYNAMIC_ACTORDER = ("group", "dynamic")
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(PackedLinear):
     def __init__(self, in_features: int, out_features: int, *, bits: int, group_size: int | None,
                  symmetric: bool, bias: bool = False, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None, backend: str = "auto",
@@ -86,6 +87,10 @@ class QuantLinear(nn.Module):
         return dequant_linear(x, self.weight_packed, self.weight_scale, self.weight_zero_point, bias,
                               bits=self.bits, group_size=self.group_size, in_features=self.in_features,
                               g_idx=self.weight_g_idx, backend=self.backend)
+
+    @property
+    def label(self) -> str:
+        return f"int{self.bits} {'ch' if self.group_size is None else f'g{self.group_size}'}"
 
     def extra_repr(self) -> str:
         group = "channel" if self.group_size is None else f"group_size={self.group_size}"

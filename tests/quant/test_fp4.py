@@ -471,3 +471,13 @@ def test_bad_scales_are_refused():
         mxfp4_quantize(w, torch.full((2, 1), 255, dtype=torch.uint8))
     with pytest.raises(ValueError, match="uint8"):
         mxfp4_dequantize(torch.zeros(2, 32, dtype=torch.uint8), torch.ones(2, 1))
+
+
+def test_e2m1_round_is_encode_then_decode():
+    from compress.quant.fp4_packing import e2m1_round
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 0.0, 6.0, 7.0, 1e9, float("inf")])
+    x = torch.cat([ties, -ties, torch.randn(10_000) * 3, torch.randn(1000) * 1e-3])
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        xd = x.to(dtype)
+        assert torch.equal(e2m1_round(xd), e2m1_decode(e2m1_encode(xd)))
+    assert not torch.equal(e2m1_round(torch.tensor([0.25])), torch.tensor([0.5]))      # negative control
