@@ -38,3 +38,28 @@ class HessianStats:
     def diag(self) -> torch.Tensor:
         """Per input feature: 2 * mean(x^2), the weight each column's error carries."""
         return self.hessian.diagonal()
+
+
+class InputStats:
+    """What round-to-nearest needs from a layer's inputs, without the (in x in) Hessian: the
+    per-feature ``diag`` (2 * mean(x^2), equal to ``HessianStats.diag``) and ``amax`` (max |x|,
+    the NVFP4 W4A4 input scale)."""
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
+        self.in_features = in_features
+        self.sumsq = torch.zeros(in_features, dtype=torch.float32, device=device)
+        self.tokens = 0
+        self.amax = torch.zeros((), dtype=torch.float32, device=device)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, self.in_features).float()              # (tokens, in)
+        self.sumsq += x.square().sum(dim=0)
+        self.tokens += x.shape[0]
+        if x.numel():
+            self.amax = torch.maximum(self.amax, x.abs().amax())
+
+    @property
+    def diag(self) -> torch.Tensor:
+        if self.tokens == 0:
+            raise RuntimeError("InputStats.diag read before any input was added")
+        return self.sumsq * (2.0 / self.tokens)

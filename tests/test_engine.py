@@ -111,3 +111,14 @@ def test_offloaded_model_gives_the_same_result(tmp_path, calib_ids):
     assert rec.order == rec_ref.order
     for name, h in rec_ref.seen.items():
         torch.testing.assert_close(rec.seen[name], h, rtol=1e-4, atol=1e-5)
+
+
+def test_input_stats_diag_and_amax_equal_the_hessian_stats():
+    from compress.stats import HessianStats, InputStats
+    x = torch.randn(3, 50, 24)
+    h, i = HessianStats(24), InputStats(24)
+    for chunk in x:
+        h.add(chunk)
+        i.add(chunk)
+    torch.testing.assert_close(i.diag, h.diag, rtol=1e-5, atol=1e-6)
+    assert torch.equal(i.amax, h.amax) and torch.equal(i.amax, x.abs().amax()) and i.tokens == h.tokens == 150

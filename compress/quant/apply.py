@@ -16,7 +16,7 @@ from ..errors import ConfigError
 from ..kernels.fp4_linear import BLOCK
 from ..modeling import (find_decoder_layers, fused_groups, get_module, name_matches, onloaded, set_module,
                         tied_parameter_names)
-from ..stats import HessianStats
+from ..stats import HessianStats, InputStats
 from .config import GPTQConfig, IntWeightConfig
 from .grid import check_group_size
 from .fp4 import nvfp4_global_scale
@@ -78,8 +78,10 @@ class IntWeightQuantizer:
     def is_target(self, name: str, module: nn.Module) -> bool:
         return name in self.targets
 
-    def new_stats(self, module: nn.Linear) -> HessianStats:
-        return HessianStats(module.in_features, device=module.weight.device)
+    def new_stats(self, module: nn.Linear) -> HessianStats | InputStats:
+        # RTN (calibrated only for NVFP4 W4A4's input scale) needs no Hessian.
+        stats = HessianStats if isinstance(self.cfg, GPTQConfig) else InputStats
+        return stats(module.in_features, device=module.weight.device)
 
     def solve(self, names: list[str], modules: list[nn.Linear], stats: HessianStats | None) -> None:
         """Solve the linears that share one input together (their rows stacked), then write the
