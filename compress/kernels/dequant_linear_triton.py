@@ -120,6 +120,23 @@ def _tile(acc, x_ptr, stride_xm, m_offs, M, K, k0, packed_ptr, scale_ptr, zp_ptr
 
 
 @triton.jit
+def _store_output(acc, bias_ptr, out_ptr, m_offs, n_offs, M, N, stride_om, pid_k, HAS_BIAS: tl.constexpr,
+                  SPLIT_K: tl.constexpr):
+    """Epilogue shared by the integer and FP4 kernels: bias (added by the first K slice only), then
+    a store in the output dtype, or a float32 atomic add when K is split."""
+    n_mask = n_offs < N
+    if HAS_BIAS:
+        first = (pid_k == 0).to(tl.float32)
+        acc += tl.load(bias_ptr + n_offs, mask=n_mask, other=0.0).to(tl.float32)[None, :] * first
+    out_ptrs = out_ptr + m_offs[:, None].to(tl.int64) * stride_om + n_offs[None, :]
+    mask = (m_offs[:, None] < M) & n_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
+
+
+@triton.jit
 def _dequant_matmul_kernel(x_ptr, packed_ptr, scale_ptr, zp_ptr, gidx_ptr, bias_ptr, out_ptr,
                            M, N, K, KW, G, stride_xm, stride_om, k_per_split,
                            BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_MODE: tl.constexpr,
@@ -148,17 +165,7 @@ def _dequant_matmul_kernel(x_ptr, packed_ptr, scale_ptr, zp_ptr, gidx_ptr, bias_
         acc = _tile(acc, x_ptr, stride_xm, m_offs, M, K, k0, packed_ptr, scale_ptr, zp_ptr, gidx_ptr, n_offs,
                     N, KW, G, BITS, GROUP_SIZE, GROUP_MODE, HAS_ZP, BLOCK_N, BLOCK_K, USE_DOT, DOT_DTYPE,
                     INPUT_PRECISION)
-    n_mask = n_offs < N
-    if HAS_BIAS:
-        # Added by the first K slice only.
-        first = (pid_k == 0).to(tl.float32)
-        acc += tl.load(bias_ptr + n_offs, mask=n_mask, other=0.0).to(tl.float32)[None, :] * first
-    out_ptrs = out_ptr + m_offs[:, None].to(tl.int64) * stride_om + n_offs[None, :]
-    mask = (m_offs[:, None] < M) & n_mask[None, :]
-    if SPLIT_K == 1:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
+    _store_output(acc, bias_ptr, out_ptr, m_offs, n_offs, M, N, stride_om, pid_k, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit

@@ -71,7 +71,7 @@ import triton.language as tl
 from . import tuning
 # The int kernels' config choice and per-GPU autotuner: one table (and one cache file) for every format.
 from .dequant_linear import pick_config
-from .dequant_linear_triton import _dot, _dot_dtype
+from .dequant_linear_triton import _dot, _dot_dtype, _store_output
 from .fp4_linear import BLOCK, FP4_KINDS
 from .tuning import KernelConfig
 
@@ -227,17 +227,7 @@ def _fp4_matmul_kernel(x_ptr, words_ptr, scale_ptr, gscale_ptr, bias_ptr, out_pt
         acc = tl.sum(acc_blocks, axis=1)[None, :]                                  # (1, BLOCK_N)
     if IS_NV:
         acc = tl.math.div_rn(acc, tl.load(gscale_ptr))
-    n_mask = n_offs < N
-    if HAS_BIAS:
-        # Added by the first K slice only.
-        first = (pid_k == 0).to(tl.float32)
-        acc += tl.load(bias_ptr + n_offs, mask=n_mask, other=0.0).to(tl.float32)[None, :] * first
-    out_ptrs = out_ptr + m_offs[:, None].to(tl.int64) * stride_om + n_offs[None, :]
-    mask = (m_offs[:, None] < M) & n_mask[None, :]
-    if SPLIT_K == 1:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
+    _store_output(acc, bias_ptr, out_ptr, m_offs, n_offs, M, N, stride_om, pid_k, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
