@@ -120,6 +120,19 @@ def _tile(acc, x_ptr, stride_xm, m_offs, M, K, k0, packed_ptr, scale_ptr, zp_ptr
 
 
 @triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program (axis 0) -> (m tile, n tile), in bands of GROUP_M m-tiles so that programs running
+    together read the same weight tiles (L2 reuse). Shared by the integer and FP4 kernels."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    band = GROUP_M * num_n
+    first_m = (pid // band) * GROUP_M
+    band_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % band) % band_m, (pid % band) // band_m
+
+
+@triton.jit
 def _store_output(acc, bias_ptr, out_ptr, m_offs, n_offs, M, N, stride_om, pid_k, HAS_BIAS: tl.constexpr,
                   SPLIT_K: tl.constexpr):
     """Epilogue shared by the integer and FP4 kernels: bias (added by the first K slice only), then
@@ -145,15 +158,8 @@ def _dequant_matmul_kernel(x_ptr, packed_ptr, scale_ptr, zp_ptr, gidx_ptr, bias_
                            SPLIT_K: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     # Program -> (m tile, n tile), in bands of GROUP_M m-tiles so that programs running together
     # read the same weight tiles (L2 reuse); axis 1 is the K split.
-    pid = tl.program_id(0)
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    band = GROUP_M * num_n
-    first_m = (pid // band) * GROUP_M
-    band_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % band) % band_m
-    pid_n = (pid % band) // band_m
 
     m_offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n_offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -71,7 +71,7 @@ import triton.language as tl
 from . import tuning
 # The int kernels' config choice and per-GPU autotuner: one table (and one cache file) for every format.
 from .dequant_linear import pick_config
-from .dequant_linear_triton import _dot, _dot_dtype, _store_output
+from .dequant_linear_triton import _dot, _dot_dtype, _store_output, _tile_ids
 from .fp4_linear import BLOCK, FP4_KINDS
 from .tuning import KernelConfig
 
@@ -186,15 +186,8 @@ def _fp4_matmul_kernel(x_ptr, words_ptr, scale_ptr, gscale_ptr, bias_ptr, out_pt
                        SPLIT_K: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     # Program -> (m tile, n tile) in bands of GROUP_M m-tiles (L2 reuse), axis 1 the K split: as
     # in the int kernel.
-    pid = tl.program_id(0)
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    band = GROUP_M * num_n
-    first_m = (pid // band) * GROUP_M
-    band_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % band) % band_m
-    pid_n = (pid % band) // band_m
 
     NB: tl.constexpr = BLOCK_K // SCALE_BLOCK
     USE_DOT: tl.constexpr = BLOCK_M >= 16
