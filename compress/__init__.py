@@ -5,6 +5,8 @@
     calib = compress.calibration_data(tok, "../shared/data/wikitext-2/valid.txt", samples=64, seqlen=512)
     compress.quantize(model, compress.GPTQConfig(bits=4, group_size=64), calib=calib)
     print(compress.evaluate(model, tok, "../shared/data/wikitext-2/test.txt", seqlen=512, max_windows=40))
+    compress.quantize(model, compress.KVCacheConfig(scheme="int4"))     # KIVI int4 KV cache
+    print(compress.evaluate(model, tok, "../shared/data/wikitext-2/test.txt", max_windows=4))  # decodes through it
     compress.export(model, tok, "out/smollm2-w4g64")
     model2, tok2 = compress.load_model("out/smollm2-w4g64")
 """
@@ -19,15 +21,19 @@ from .configs import config_from_dict, registered_methods  # noqa: E402
 from .data import CalibrationData, calibration_data  # noqa: E402
 from .errors import (CheckpointError, CompressError, ConfigError, DataError, MissingPathError,  # noqa: E402
                      ModelLoadError)
-from .evaluation import EvalResult, evaluate, generate  # noqa: E402
+from .evaluation import AgreementResult, EvalResult, evaluate, generate, generation_agreement  # noqa: E402
+from .kv import kv_cache  # noqa: E402
 from .loading import load_model  # noqa: E402
 from .quant.config import GPTQConfig, RTNConfig  # noqa: E402
+from .quant.kv_cache import QuantizedKVCache  # noqa: E402
+from .quant.kv_config import KVCacheConfig  # noqa: E402
 from .quant.linear import QuantLinear  # noqa: E402
 from .runtime import set_backend  # noqa: E402
 
 __all__ = [
     "__version__", "apply", "quantize", "export", "inspect_checkpoint", "config_from_dict", "registered_methods",
     "CalibrationData", "calibration_data", "evaluate", "generate", "EvalResult", "load_model", "GPTQConfig",
-    "RTNConfig", "QuantLinear", "set_backend", "benchmark", "BenchSettings", "BenchResult", "CompressError",
+    "RTNConfig", "QuantLinear", "KVCacheConfig", "QuantizedKVCache", "kv_cache", "generation_agreement",
+    "AgreementResult", "set_backend", "benchmark", "BenchSettings", "BenchResult", "CompressError",
     "ConfigError", "CheckpointError", "DataError", "MissingPathError", "ModelLoadError",
 ]

@@ -10,7 +10,9 @@ from torch import nn
 from .configs import MethodConfig
 from .errors import ConfigError
 from .quant.apply import quantize_weights
+from .kv import apply_kv_cache
 from .quant.config import GPTQConfig, RTNConfig
+from .quant.kv_config import KVCacheConfig
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,7 @@ def register_handler(config_type: type[MethodConfig], fn: Callable) -> None:
 
 register_handler(RTNConfig, quantize_weights)
 register_handler(GPTQConfig, quantize_weights)
+register_handler(KVCacheConfig, apply_kv_cache)
 
 
 def apply(model: nn.Module, cfg: MethodConfig, calib=None, *, device=None, batch_size: int | None = None,
@@ -39,12 +42,14 @@ def apply(model: nn.Module, cfg: MethodConfig, calib=None, *, device=None, batch
 
 def quantize(model: nn.Module, cfg: MethodConfig, calib=None, *, device=None, batch_size: int | None = None,
              progress: bool = True):
-    """Quantize ``model``'s weights in place with ``cfg`` (RTNConfig, GPTQConfig).
+    """Quantize ``model``'s weights in place with ``cfg`` (RTNConfig, GPTQConfig), or set up its
+    KV cache (KVCacheConfig: fp8 scales are calibrated on ``calib``; use ``compress.kv_cache``
+    to get the cache for generation).
 
     GPTQ walks the decoder layers with ``calib`` (from ``calibration_data``) on ``device``
     (default: CUDA when available, else CPU), ``batch_size`` samples per forward chunk.
     Returns a dict of per-module records (loss, damping, fallbacks).
     """
-    if not isinstance(cfg, (RTNConfig, GPTQConfig)):
+    if not isinstance(cfg, (RTNConfig, GPTQConfig, KVCacheConfig)):
         raise ConfigError(f"quantize() takes a quantization config, got {type(cfg).__name__}")
     return apply(model, cfg, calib, device=device, batch_size=batch_size, progress=progress)

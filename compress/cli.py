@@ -21,6 +21,7 @@ from .kernels.dequant_linear import BACKENDS
 from .loading import load_model
 from .quant.config import GPTQConfig, RTNConfig
 from .quant.formats import SCHEMES
+from .quant.kv_config import KV_SCHEMES, KVCacheConfig
 from .recipe import CalibrationSection, EvaluationSection, ExportSection, Recipe, load_recipe, run_recipe
 
 log = logging.getLogger("compress")
@@ -45,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model's weights and export a checkpoint")
     q.add_argument("model", help="checkpoint directory, .gguf file, package:PKG/FILE or hub id")
-    q.add_argument("--method", choices=sorted(_METHODS), default="gptq")
+    q.add_argument("--method", choices=sorted(_METHODS) + ["none"], default="gptq",
+                   help="weight quantizer; 'none' leaves the weights alone (with --kv-cache: only the KV cache)")
     q.add_argument("--scheme", choices=list(SCHEMES), default="int",
                    help="weight format: int (--bits/--group-size grid), nvfp4a16 (FP4 weights, FP8 scale per 16), "
                         "nvfp4 (W4A4: nvfp4a16 + activations, needs --calib), mxfp4 (FP4, E8M0 scale per 32)")
@@ -68,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", default="auto")
     q.add_argument("--device", default=None, help="compute device for calibration (default: cuda if present)")
     q.add_argument("--backend", choices=BACKENDS, default="auto", help=_BACKEND_HELP + " (for --eval)")
+    _kv_arguments(q, eval_flags=False)
     q.add_argument("--output", "-o", required=True)
     q.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --output")
 
@@ -82,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--sample", metavar="PROMPT", help="also print a short greedy continuation of PROMPT")
     e.add_argument("--backend", choices=BACKENDS, default="auto", help=_BACKEND_HELP)
     e.add_argument("--json", action="store_true", help="print one JSON object")
+    _kv_arguments(e, eval_flags=True)
 
     r = sub.add_parser("run", help="run a YAML recipe")
     r.add_argument("recipe")
@@ -96,6 +100,31 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.add_argument("--json", action="store_true")
     return p
+
+
+def _kv_arguments(p: argparse.ArgumentParser, eval_flags: bool) -> None:
+    d = KVCacheConfig()
+    g = p.add_argument_group("KV cache", "quantize the keys and values stored while generating (docs/kv-cache.md)")
+    g.add_argument("--kv-cache", choices=KV_SCHEMES,
+                   help="int8/int4/int2: KIVI integers (keys per channel, values per token); fp8: E4M3 with "
+                        "calibrated scales, exported for vLLM" + ("" if eval_flags else " (needs --calib)"))
+    g.add_argument("--kv-group-size", type=int, default=d.group_size, help="tokens per key block, channels per "
+                   "value group (integer schemes)")
+    g.add_argument("--kv-residual", type=int, default=None,
+                   help="recent tokens kept in full precision (default 128 for integers, 0 for fp8)")
+    g.add_argument("--kv-fp8-scale", choices=["tensor", "head"], default=d.fp8_scale, help="fp8 scale granularity")
+    g.add_argument("--kv-rotate", action="store_true", help="Hadamard-rotate keys before quantizing (integers)")
+    if eval_flags:
+        g.add_argument("--kv-chunk", type=int, default=1,
+                       help="tokens per forward through the cache (1 = decode token by token)")
+        g.add_argument("--calib", help="calibration text for fp8 scales (default: scales from the first chunk)")
+
+
+def _kv_config(args) -> KVCacheConfig | None:
+    if not args.kv_cache:
+        return None
+    return KVCacheConfig(scheme=args.kv_cache, group_size=args.kv_group_size, residual_length=args.kv_residual,
+                         fp8_scale=args.kv_fp8_scale, rotate_keys=args.kv_rotate)
 
 
 _BACKEND_HELP = "kernels of the packed layers: auto (Triton on CUDA, PyTorch on CPU), torch or triton"
@@ -137,6 +166,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _quantize(args) -> int:
+    kv = _kv_config(args)
+    passes = [kv] if kv is not None else []
+    if kv is not None and kv.is_fp8 and not args.calib:
+        print("compress quantize: error: --kv-cache fp8 calibrates its scales: add --calib FILE", file=sys.stderr)
+        return 2
+    if args.method == "none":
+        if kv is None:
+            print("compress quantize: error: --method none quantizes nothing; add --kv-cache SCHEME", file=sys.stderr)
+            return 2
+        return _run_passes(args, passes)
     kwargs = dict(bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric,
                   partial_groups=args.partial_groups, ignore=list(args.ignore), scheme=args.scheme)
     if args.observer:
@@ -147,8 +186,11 @@ def _quantize(args) -> int:
         what = "--method gptq" if args.method == "gptq" else "--scheme nvfp4 (W4A4 activation scales)"
         print(f"compress quantize: error: {what} needs --calib FILE (calibration text)", file=sys.stderr)
         return 2
-    cfg = _METHODS[args.method](**kwargs)
-    recipe = Recipe(model=args.model, dtype=args.dtype, device=args.device, backend=args.backend, passes=[cfg],
+    return _run_passes(args, [_METHODS[args.method](**kwargs)] + passes)
+
+
+def _run_passes(args, passes) -> int:
+    recipe = Recipe(model=args.model, dtype=args.dtype, device=args.device, backend=args.backend, passes=passes,
                     calibration=CalibrationSection(args.calib, args.calib_samples, args.seqlen, args.seed,
                                                    batch_size=args.batch_size) if args.calib else None,
                     evaluation=EvaluationSection(args.eval_data, args.seqlen, args.max_windows)
@@ -160,13 +202,22 @@ def _quantize(args) -> int:
 
 def _eval(args) -> int:
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
+    kv = _kv_config(args)
+    if kv is not None and kv.is_fp8 and args.calib:
+        from .api import apply
+        from .data import calibration_data
+        apply(model, kv, calibration_data(tok, args.calib, samples=32, seqlen=args.seqlen),
+              progress=not (args.quiet or args.json))
     result = evaluate(model, tok, args.data, seqlen=args.seqlen, max_windows=args.max_windows,
-                      batch_size=args.batch_size, sample_prompt=args.sample, progress=not (args.quiet or args.json))
+                      batch_size=args.batch_size, sample_prompt=args.sample, progress=not (args.quiet or args.json),
+                      kv_cache=kv, kv_chunk=args.kv_chunk, backend=args.backend)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
         print(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens in {result.windows} windows "
-              f"of {result.seqlen} ({result.seconds:.1f} s) on {result.source}")
+              f"of {result.seqlen} ({result.seconds:.1f} s) on {result.source}"
+              + (f", decoded through a {result.kv_cache} KV cache, {result.kv_chunk} token(s) per step"
+                 if result.kv_cache else ""))
         if result.sample is not None:
             print(f"sample: {args.sample!r} -> {result.sample!r}")
     return 0

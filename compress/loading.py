@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint.compressed_tensors import QUANT_METHOD, install_quant_linears
+from .checkpoint.compressed_tensors import QUANT_METHOD, install_quant_linears, parse_kv_cache_scheme
 from .checkpoint.safetensors_io import check_directory, read_state_dict
 from .errors import CheckpointError, MissingPathError, ModelLoadError
 from .kernels.dequant_linear import check_backend
@@ -198,6 +198,8 @@ def load_compressed(directory: Path, dtype="auto") -> nn.Module:
     except (ValueError, KeyError) as exc:
         raise _unsupported(directory, exc) from exc
     install_quant_linears(model, qc, f"{directory}/config.json")
+    if qc.get("kv_cache_scheme"):
+        install_kv_scales(model, qc["kv_cache_scheme"], f"{directory}/config.json")
     expected = model.state_dict()
     tied = _tied_keys(model, config)
     missing = [k for k in expected if k not in state and k not in tied]
@@ -208,6 +210,8 @@ def load_compressed(directory: Path, dtype="auto") -> nn.Module:
                               f"{' ...' if len(unexpected) > 5 else ''}; the export is incomplete or from "
                               f"another model")
     for key, tensor in state.items():
+        if key.endswith((".k_scale", ".v_scale")) and tensor.numel() == expected[key].numel():
+            state[key] = tensor = tensor.reshape(expected[key].shape)     # () or (1,) per tensor, (H,) or (H,1,1) per head
         if tuple(expected[key].shape) != tuple(tensor.shape):
             raise CheckpointError(f"{directory}: tensor {key!r} has shape {tuple(tensor.shape)}, the config "
                                   f"implies {tuple(expected[key].shape)}")
@@ -223,6 +227,23 @@ def load_compressed(directory: Path, dtype="auto") -> nn.Module:
     if still_meta:
         raise CheckpointError(f"{directory}: no data for {still_meta[:5]}; the checkpoint is incomplete")
     return model.eval()
+
+
+def install_kv_scales(model: nn.Module, kv_scheme: dict, where: str) -> None:
+    """Empty fp8 ``k_scale``/``v_scale`` buffers on every attention module for the checkpoint's
+    tensors to fill, and the model's KV-cache config (kept from an export of ours, or derived
+    from ``kv_cache_scheme`` for checkpoints written by other tools)."""
+    from .kv import CONFIG_KEY, attention_modules
+    from .quant.kv_cache import attention_geometry
+    from .quant.kv_config import KVCacheConfig
+    granularity = parse_kv_cache_scheme(kv_scheme, where)
+    _, kv_heads, _ = attention_geometry(model.config)
+    shape = (kv_heads, 1, 1) if granularity == "head" else (1,)
+    for module in attention_modules(model):
+        for name in ("k_scale", "v_scale"):
+            module.register_buffer(name, torch.empty(shape, dtype=torch.float32, device="meta"))
+    if not getattr(model.config, CONFIG_KEY, None):
+        setattr(model.config, CONFIG_KEY, KVCacheConfig("fp8", fp8_scale=granularity).to_dict())
 
 
 def _tied_keys(model: nn.Module, config) -> set[str]:

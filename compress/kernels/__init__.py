@@ -4,11 +4,16 @@ code, and a dispatcher that picks between them (``auto | torch | triton``).
 - ``dequant_linear.py``         y = x @ dequantize(W)^T + b for packed int2/4/8 weights: reference, dispatch
 - ``dequant_linear_triton.py``  its Triton kernels (split-K small batch, tiled tl.dot, dequantize)
 - ``tuning.py``                 kernel configs, the shape heuristic, the per-device autotune cache
+- ``fp4_linear.py`` / ``fp4_linear_triton.py``  the same for NVFP4 / MXFP4 weights
+- ``decode_attention.py`` / ``decode_attention_triton.py``  flash-decoding attention of one query
+  token over a quantized KV cache (KIVI int8/4/2 or FP8) plus its full-precision window
 
 Importing this package needs neither a GPU nor Triton; Triton is imported on first use.
 """
 
 from .dequant_linear import BACKENDS, check_backend, dequant_linear, dequant_linear_reference
+from .decode_attention import decode_attention, decode_attention_reference
 from .tuning import KernelConfig
 
-__all__ = ["BACKENDS", "KernelConfig", "check_backend", "dequant_linear", "dequant_linear_reference"]
+__all__ = ["BACKENDS", "KernelConfig", "check_backend", "dequant_linear", "dequant_linear_reference",
+           "decode_attention", "decode_attention_reference"]

