@@ -60,14 +60,18 @@ def perplexity_of_windows(model: nn.Module, ids: torch.Tensor, *, batch_size: in
     for batch in ids.split(batch_size):
         batch = batch.to(device)
         logits = model(input_ids=batch, use_cache=False).logits           # (B, T, vocab)
-        logits = logits[:, :-1].float()
-        target = batch[:, 1:]
-        nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                       target.reshape(-1), reduction="sum"))
-        count += target.numel()
+        nll += _summed_nll(logits[:, :-1], batch[:, 1:])
+        count += batch[:, 1:].numel()
         bar.update(batch.shape[0])
     bar.close()
     return nll, count
+
+
+def _summed_nll(logits: torch.Tensor, target: torch.Tensor) -> float:
+    """Summed cross-entropy of logits (B, T, V) against target ids (B, T), in float32."""
+    logits = logits.float()
+    return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                   reduction="sum"))
 
 
 @torch.no_grad()
@@ -91,11 +95,9 @@ def perplexity_through_cache(model: nn.Module, ids: torch.Tensor, kv: KVCacheCon
         cache = kv_cache(model, kv, backend=backend) if kv is not None else DynamicCache(config=model.config)
         for start in range(0, batch.shape[1] - 1, chunk):
             piece = batch[:, start:start + chunk]
-            logits = model(input_ids=piece, past_key_values=cache, use_cache=True).logits.float()  # (B, c, V)
+            logits = model(input_ids=piece, past_key_values=cache, use_cache=True).logits  # (B, c, V)
             target = batch[:, start + 1:start + 1 + piece.shape[1]]          # the last window token has none
-            logits = logits[:, :target.shape[1]]
-            nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                           target.reshape(-1), reduction="sum"))
+            nll += _summed_nll(logits[:, :target.shape[1]], target)
             count += target.numel()
             bar.update(batch.shape[0])
     bar.close()

@@ -83,3 +83,12 @@ def text_file(tmp_path):
 def calib_ids():
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, VOCAB, (8, 32), generator=g)
+
+
+@pytest.fixture
+def base(tmp_path, tokenizer):
+    """A tiny Llama checkpoint directory with its tokenizer (what the CLI is pointed at)."""
+    path = tmp_path / "base"
+    tiny_model("llama").save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

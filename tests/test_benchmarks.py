@@ -42,3 +42,23 @@ def test_decode_benchmark_refuses_8b_on_cpu_before_building(capsys):
     assert "8.0B parameters on cpu" in capsys.readouterr().err
     assert decode.main(["--tiny", "--device", "cpu", "--cuda-graphs"]) == 2
     assert "--cuda-graphs needs a CUDA device" in capsys.readouterr().err
+
+
+def test_kv_cache_benchmark_tiny(tmp_path, tokenizer, text_file, capsys):
+    from conftest import tiny_model
+    kv = _script("kv_cache")
+    model_dir = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "kv.json"
+    assert kv.main(["--model", str(model_dir), "--test", str(text_file), "--calib", str(text_file), "--calib-samples",
+                    "2", "--seqlen", "160", "--max-windows", "2", "--chunk", "8", "--prompts", "2", "--prompt-len", "8",
+                    "--new-tokens", "6", "--only", "fp8-head", "int2-w0", "--agreement", "int2-w0", "--quiet",
+                    "--output", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = {r["name"]: r for r in data["results"]}
+    assert list(rows) == ["float", "fp8-head", "int2-w0"] and data["chunk"] == 8   # 160 tokens: two 64-token key blocks quantized
+    assert rows["int2-w0"]["ratio"] == rows["float"]["bytes_per_token"] / rows["int2-w0"]["bytes_per_token"]
+    assert rows["int2-w0"]["agreement"]["new_tokens"] == 6 and "agreement" not in rows["fp8-head"]
+    assert rows["int2-w0"]["perplexity"] != rows["float"]["perplexity"]
+    assert "int2-w0" in capsys.readouterr().out

@@ -5,15 +5,6 @@ import sys
 import pytest
 
 from compress.cli import main
-from conftest import tiny_model
-
-
-@pytest.fixture
-def base(tmp_path, tokenizer):
-    path = tmp_path / "base"
-    tiny_model("llama").save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def _quantize(base, text_file, out, *extra):

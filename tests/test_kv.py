@@ -124,14 +124,6 @@ def test_recipe_kv_pass_round_trips_and_needs_data_only_for_fp8(tmp_path):
         recipe_from_dict({"version": 1, "model": "m", "passes": [{"method": "kv_cache", "residual": 64}]})
 
 
-@pytest.fixture
-def base(tmp_path, tokenizer):
-    path = tmp_path / "base"
-    tiny_model("llama").save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def test_cli_eval_with_a_kv_cache(base, text_file, capsys):
     assert main(["-q", "eval", str(base), "--data", str(text_file), "--seqlen", "40", "--max-windows", "2",
                  "--kv-cache", "int4", "--kv-group-size", "16", "--kv-residual", "0", "--kv-chunk", "8"]) == 0
