@@ -1,6 +1,7 @@
 """Quality and size of quantized KV caches on SmolLM2-135M (WikiText-2).
 
-    python benchmarks/kv_cache.py                         # every setting, ~40 minutes on 2 CPU cores
+    python benchmarks/kv_cache.py                         # every setting token by token, about an hour on 2 CPU cores
+    python benchmarks/kv_cache.py --chunk 8               # 8 tokens per forward, ~25 minutes (the docs table)
     python benchmarks/kv_cache.py --only int4-w128 int2-w128 --agreement
     python benchmarks/kv_cache.py --chunk 16              # chunked prefill instead of token-by-token
 
@@ -52,6 +53,7 @@ SETTINGS = {
     "int2-w128": KVCacheConfig("int2", residual_length=128),
     "int2-w128-rot": KVCacheConfig("int2", residual_length=128, rotate_keys=True),
     "int2-g32-w128": KVCacheConfig("int2", group_size=32, residual_length=128),
+    "int2-g32-w128-rot": KVCacheConfig("int2", group_size=32, residual_length=128, rotate_keys=True),
 }
 
 
