@@ -191,6 +191,11 @@ def test_rotated_keys_with_a_long_window_change_nothing():
         ref = model(ids).logits
     cache = kv_cache(model, KVCacheConfig("int4", group_size=16, residual_length=256, rotate_keys=True))
     assert torch.allclose(_chunked_logits(model, ids, cache, 8), ref, atol=1e-4)
+    plain = kv_cache(model, KVCacheConfig("int4", group_size=16, residual_length=256))
+    _chunked_logits(model, ids, plain, 8)
+    stored, unrotated = cache.layers[0].keys, plain.layers[0].keys             # the windows: stored rotated
+    assert not torch.allclose(stored, unrotated, atol=1e-3)
+    assert torch.allclose(stored, kq.rotate(unrotated), atol=1e-5)
 
 
 def test_generate_and_beam_search_run_on_the_cache():
