@@ -13,7 +13,7 @@
 
 __version__ = "0.1.0"
 
-from .api import apply, quantize  # noqa: E402
+from .api import apply, prune, quantize  # noqa: E402
 from .bench import BenchResult, BenchSettings, benchmark  # noqa: E402
 from .checkpoint.export import export  # noqa: E402
 from .checkpoint.inspect import inspect_checkpoint  # noqa: E402
@@ -24,6 +24,7 @@ from .errors import (CheckpointError, CompressError, ConfigError, DataError, Mis
 from .evaluation import AgreementResult, EvalResult, evaluate, generate, generation_agreement  # noqa: E402
 from .kv import kv_cache  # noqa: E402
 from .loading import load_model  # noqa: E402
+from .prune import LoRAConfig, MagnitudeConfig, SparseGPTConfig, StructuredConfig, WandaConfig  # noqa: E402
 from .quant.config import GPTQConfig, RTNConfig  # noqa: E402
 from .quant.kv_cache import QuantizedKVCache  # noqa: E402
 from .quant.kv_config import KVCacheConfig  # noqa: E402
@@ -31,7 +32,7 @@ from .quant.linear import QuantLinear  # noqa: E402
 from .runtime import set_backend  # noqa: E402
 
 __all__ = [
-    "__version__", "apply", "quantize", "export", "inspect_checkpoint", "config_from_dict", "registered_methods",
+    "__version__", "apply", "prune", "quantize", "MagnitudeConfig", "WandaConfig", "SparseGPTConfig", "StructuredConfig", "LoRAConfig", "export", "inspect_checkpoint", "config_from_dict", "registered_methods",
     "CalibrationData", "calibration_data", "evaluate", "generate", "EvalResult", "load_model", "GPTQConfig",
     "RTNConfig", "QuantLinear", "KVCacheConfig", "QuantizedKVCache", "kv_cache", "generation_agreement",
     "AgreementResult", "set_backend", "benchmark", "BenchSettings", "BenchResult", "CompressError",

@@ -13,6 +13,11 @@ from .quant.apply import quantize_weights
 from .kv import apply_kv_cache
 from .quant.config import GPTQConfig, RTNConfig
 from .quant.kv_config import KVCacheConfig
+from .prune.apply import prune_weights
+from .prune.config import MagnitudeConfig, PruneConfig, SparseGPTConfig, WandaConfig
+from .prune.lora import LoRAConfig
+from .prune.lora_train import lora_retrain
+from .prune.structured import StructuredConfig, prune_structured
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +34,11 @@ def register_handler(config_type: type[MethodConfig], fn: Callable) -> None:
 register_handler(RTNConfig, quantize_weights)
 register_handler(GPTQConfig, quantize_weights)
 register_handler(KVCacheConfig, apply_kv_cache)
+register_handler(MagnitudeConfig, prune_weights)
+register_handler(WandaConfig, prune_weights)
+register_handler(SparseGPTConfig, prune_weights)
+register_handler(StructuredConfig, prune_structured)
+register_handler(LoRAConfig, lora_retrain)
 
 
 def apply(model: nn.Module, cfg: MethodConfig, calib=None, *, device=None, batch_size: int | None = None,
@@ -52,4 +62,15 @@ def quantize(model: nn.Module, cfg: MethodConfig, calib=None, *, device=None, ba
     """
     if not isinstance(cfg, (RTNConfig, GPTQConfig, KVCacheConfig)):
         raise ConfigError(f"quantize() takes a quantization config, got {type(cfg).__name__}")
+    return apply(model, cfg, calib, device=device, batch_size=batch_size, progress=progress)
+
+
+def prune(model: nn.Module, cfg: MethodConfig, calib=None, *, device=None, batch_size: int | None = None,
+          progress: bool = True):
+    """Prune ``model`` in place with ``cfg``: MagnitudeConfig, WandaConfig or SparseGPTConfig
+    (weights set to zero, unstructured or N:M), or StructuredConfig (MLP channels, attention
+    heads or whole layers removed: a smaller dense model). Wanda, SparseGPT and activation-ranked
+    structured pruning walk the decoder layers with ``calib``. Returns per-module records."""
+    if not isinstance(cfg, (PruneConfig, StructuredConfig)):
+        raise ConfigError(f"prune() takes a pruning config, got {type(cfg).__name__}")
     return apply(model, cfg, calib, device=device, batch_size=batch_size, progress=progress)

@@ -1,4 +1,4 @@
-"""The ``compress`` command line: quantize, eval, run, inspect, bench.
+"""The ``compress`` command line: quantize, prune, eval, run, inspect, bench.
 
 ``compress quantize`` builds a one-pass recipe from its flags and runs it like ``compress run``,
 so both print the same per-stage table and write the same report.json.
@@ -15,7 +15,7 @@ from pathlib import Path
 from . import __version__
 from .bench import BenchSettings, benchmark
 from .checkpoint.inspect import format_inspection, inspect_checkpoint
-from .errors import CompressError
+from .errors import CompressError, ConfigError
 from .evaluation import evaluate
 from .kernels.dequant_linear import BACKENDS
 from .loading import load_model
@@ -74,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--output", "-o", required=True)
     q.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --output")
 
+    _prune_parser(sub)
+
     e = sub.add_parser("eval", help="perplexity of a model or checkpoint on a text")
     e.add_argument("model")
     e.add_argument("--data", required=True, help="text file or hub dataset NAME[:CONFIG][@SPLIT]")
@@ -100,6 +102,89 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.add_argument("--json", action="store_true")
     return p
+
+
+def _prune_parser(sub) -> None:
+    p = sub.add_parser("prune", help="prune a model (unstructured, N:M or structured), retrain it, export it",
+                       description="Prune with magnitude, Wanda or SparseGPT (weights set to zero) or structured "
+                                   "pruning (MLP channels, attention heads, layers removed), optionally retrain "
+                                   "with mask-preserving LoRA, and export. See docs/pruning.md.")
+    p.add_argument("model", help="checkpoint directory, .gguf file, package:PKG/FILE or hub id")
+    p.add_argument("--method", choices=["magnitude", "wanda", "sparsegpt", "structured"], default="wanda")
+    p.add_argument("--sparsity", type=float, help="fraction of weights set to zero (default 0.5)")
+    p.add_argument("--pattern", help="N:M pattern, e.g. 2:4 (keep N of every M consecutive inputs)")
+    p.add_argument("--comparison", choices=["row", "layer"], default="row", help="unstructured: per row or per layer")
+    p.add_argument("--bits", type=int, help="sparsegpt: also quantize the survivors to this many bits (joint solve)")
+    p.add_argument("--group-size", type=_group_size, default=128, help="sparsegpt --bits: columns per scale")
+    p.add_argument("--target", choices=["mlp", "heads", "layers"], default="mlp", help="structured: what to remove")
+    p.add_argument("--ratio", type=float, default=0.25, help="structured: fraction of channels/heads/layers removed")
+    p.add_argument("--importance", choices=["activation", "weight", "random"], default="activation",
+                   help="structured: ranking")
+    p.add_argument("--ignore", nargs="*", default=["lm_head"], help="module name patterns left dense")
+    p.add_argument("--lora-steps", type=int, default=0, help="retrain with mask-preserving LoRA for this many steps "
+                   "(0: no retraining)")
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-lr", type=float, default=None, help="LoRA learning rate (default: the LoRAConfig's)")
+    p.add_argument("--lora-minutes", type=float, default=None, help="stop retraining after this many minutes")
+    p.add_argument("--train-samples", type=int, default=None,
+                   help="LoRA training windows from --calib (default: --calib-samples)")
+    p.add_argument("--calib", help="calibration text file or hub dataset NAME[:CONFIG][@SPLIT]")
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, help="calibration samples per forward chunk (default: fit memory)")
+    p.add_argument("--eval", dest="eval_data", help="evaluate perplexity on this text before and after each stage")
+    p.add_argument("--max-windows", type=int, default=None)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default=None, help="compute device (default: cuda if present)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help=_BACKEND_HELP + " (for --eval)")
+    p.add_argument("--layout", choices=["dense", "compact"], default="dense",
+                   help="dense: zeros kept, loads anywhere; compact: our 2:4 layout (values + 2-bit positions)")
+    p.add_argument("--output", "-o", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --output")
+
+
+def _prune_passes(args) -> list:
+    from .configs import config_from_dict
+    if args.method == "structured":
+        spec = {"method": "structured", "target": args.target, "ratio": args.ratio, "importance": args.importance}
+    else:
+        spec = {"method": args.method, "pattern": args.pattern, "comparison": args.comparison,
+                "ignore": list(args.ignore)}
+        if args.sparsity is not None:
+            spec["sparsity"] = args.sparsity
+        if args.bits is not None:
+            if args.method != "sparsegpt":
+                raise ConfigError("--bits (joint pruning + quantization) needs --method sparsegpt")
+            spec.update(bits=args.bits, group_size=args.group_size)
+    passes = [config_from_dict(spec, "command line")]
+    if args.lora_steps:
+        lora = {"method": "lora", "steps": args.lora_steps, "rank": args.lora_rank}
+        if args.lora_lr is not None:
+            lora["learning_rate"] = args.lora_lr
+        if args.lora_minutes is not None:
+            lora["max_minutes"] = args.lora_minutes
+        if args.train_samples is not None:
+            lora["samples"] = args.train_samples
+        passes.append(config_from_dict(lora, "command line (LoRA)"))
+    return passes
+
+
+def _prune(args) -> int:
+    passes = _prune_passes(args)
+    from .recipe import _needs_data
+    if not args.calib and any(_needs_data(p) for p in passes):
+        names = [p.method for p in passes if _needs_data(p)]
+        print(f"compress prune: error: {' and '.join(names)} need(s) --calib FILE (calibration text)", file=sys.stderr)
+        return 2
+    recipe = Recipe(model=args.model, dtype=args.dtype, device=args.device, backend=args.backend, passes=passes,
+                    calibration=CalibrationSection(args.calib, args.calib_samples, args.seqlen, args.seed,
+                                                   batch_size=args.batch_size) if args.calib else None,
+                    evaluation=EvaluationSection(args.eval_data, args.seqlen, args.max_windows)
+                    if args.eval_data else None,
+                    export=ExportSection(args.output, overwrite=args.overwrite, layout=args.layout))
+    run_recipe(recipe, progress=not args.quiet)
+    return 0
 
 
 def _kv_arguments(p: argparse.ArgumentParser, eval_flags: bool) -> None:
@@ -255,7 +340,7 @@ def _bench(args) -> int:
     return 0
 
 
-_COMMANDS = {"quantize": _quantize, "eval": _eval, "run": _run, "inspect": _inspect, "bench": _bench}
+_COMMANDS = {"quantize": _quantize, "prune": _prune, "eval": _eval, "run": _run, "inspect": _inspect, "bench": _bench}
 
 
 if __name__ == "__main__":

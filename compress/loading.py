@@ -26,6 +26,9 @@ from .checkpoint.safetensors_io import check_directory, read_state_dict
 from .errors import CheckpointError, MissingPathError, ModelLoadError
 from .kernels.dequant_linear import check_backend
 from .runtime import set_backend
+from .checkpoint.sparse_layout import CONFIG_KEY as SPARSITY_KEY
+from .checkpoint.sparse_layout import install_sparse_linears
+from .prune.sparse_linear import Sparse24Linear
 from .quant.linear import QuantLinear
 
 log = logging.getLogger(__name__)
@@ -90,7 +93,7 @@ def load_model(source: str | os.PathLike, *, dtype: str | torch.dtype | None = "
     elif isinstance(resolved, Path):
         config = _read_config(resolved / "config.json")
         qc = config.get("quantization_config") or {}
-        if qc.get("quant_method") == QUANT_METHOD:
+        if qc.get("quant_method") == QUANT_METHOD or config.get(SPARSITY_KEY):
             model = load_compressed(resolved, torch_dtype)
         else:
             check_directory(resolved)
@@ -183,9 +186,13 @@ def load_compressed(directory: Path, dtype="auto") -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(str(directory))
-    qc = config.quantization_config
+    qc = getattr(config, "quantization_config", None) or {}
     qc = qc if isinstance(qc, dict) else qc.to_dict()
-    del config.quantization_config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    sparse = getattr(config, SPARSITY_KEY, None)
+    if hasattr(config, SPARSITY_KEY):
+        delattr(config, SPARSITY_KEY)
     state = read_state_dict(directory)
     float_dtypes = {t.dtype for k, t in state.items() if t.is_floating_point()}
     model_dtype = dtype if dtype != "auto" else (
@@ -197,7 +204,10 @@ def load_compressed(directory: Path, dtype="auto") -> nn.Module:
             model = AutoModelForCausalLM.from_config(config, dtype=model_dtype)
     except (ValueError, KeyError) as exc:
         raise _unsupported(directory, exc) from exc
-    install_quant_linears(model, qc, f"{directory}/config.json")
+    if qc:
+        install_quant_linears(model, qc, f"{directory}/config.json")
+    if sparse:
+        install_sparse_linears(model, sparse, f"{directory}/config.json")
     if qc.get("kv_cache_scheme"):
         install_kv_scales(model, qc["kv_cache_scheme"], f"{directory}/config.json")
     expected = model.state_dict()
@@ -223,6 +233,8 @@ def load_compressed(directory: Path, dtype="auto") -> nn.Module:
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
             module.check_g_idx(f"{directory}: {name}")
+        elif isinstance(module, Sparse24Linear):
+            module.check_meta(f"{directory}: {name}")
     still_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if still_meta:
         raise CheckpointError(f"{directory}: no data for {still_meta[:5]}; the checkpoint is incomplete")

@@ -29,6 +29,7 @@ from . import __version__
 from .api import apply
 from .checkpoint.export import export
 from .checkpoint.safetensors_io import weights_bytes
+from .checkpoint.sparse_layout import check_layout
 from .configs import MethodConfig, build_dataclass, config_from_dict
 from .data import calibration_data
 from .errors import ConfigError, MissingPathError
@@ -73,6 +74,10 @@ class ExportSection:
     output: str
     overwrite: bool = False
     verify: bool = False                # reload the written checkpoint and evaluate it again
+    layout: str = "dense"               # pruned models: dense (zeros kept, standard tools) | compact (our 2:4 layout)
+
+    def __post_init__(self):
+        check_layout(self.layout)
 
 
 @dataclasses.dataclass
@@ -149,9 +154,12 @@ def recipe_from_dict(data: Any, where: str = "recipe", base_dir: Path = Path("."
 def _needs_data(cfg: MethodConfig) -> bool:
     # RTN needs no data, except NVFP4 W4A4, whose activation scale comes from calibration; a KV
     # cache needs data only for its fp8 scales.
+    # Magnitude pruning and weight-norm / random structured pruning need none.
     if cfg.method == "kv_cache":
         return getattr(cfg, "scheme", "") == "fp8"
-    return cfg.method not in ("rtn",) or getattr(cfg, "scheme", "int") == "nvfp4"
+    if cfg.method == "structured":
+        return getattr(cfg, "importance", "activation") == "activation"
+    return cfg.method not in ("rtn", "magnitude") or getattr(cfg, "scheme", "int") == "nvfp4"
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -179,18 +187,19 @@ def run_recipe(recipe: Recipe, *, output: str | Path | None = None, overwrite: b
     echo(f"[load] {recipe.model}: {row.parameters / 1e6:.1f}M parameters, {row.seconds:.1f} s"
          + (f", perplexity {row.perplexity:.3f}" if row.perplexity else ""))
 
-    calib = None
+    calib_cache: dict[int, object] = {}
     for i, cfg in enumerate(recipe.passes):
         start = time.perf_counter()
-        if _needs_data(cfg) and calib is None:
-            c = recipe.calibration
-            calib = calibration_data(tok, recipe.path(c.data), samples=c.samples, seqlen=c.seqlen, seed=c.seed,
-                                     split=c.split, text_field=c.text_field)
+        calib = _calibration_for(cfg, recipe, tok, calib_cache)
         records = apply(model, cfg, calib, device=recipe.device,
                         batch_size=recipe.calibration.batch_size if recipe.calibration else None, progress=progress)
         set_backend(model, recipe.backend)       # the packed layers this pass created
-        row = report.add(StageRow(_stage_name(cfg), time.perf_counter() - start, **summarize(model),
-                                  detail={"config": cfg.to_dict(), "modules": len(records or {})}))
+        detail = {"config": cfg.to_dict()}
+        if hasattr(records, "to_dict"):              # e.g. LoRA retraining: steps, tokens, losses
+            detail["result"] = records.to_dict()
+        else:
+            detail["modules"] = len(records or {})
+        row = report.add(StageRow(_stage_name(cfg), time.perf_counter() - start, **summarize(model), detail=detail))
         if recipe.evaluation:
             row.perplexity = _evaluate(model, tok, recipe, progress, row, echo)
         echo(f"[{row.name}] {row.seconds:.1f} s" + (f", perplexity {row.perplexity:.3f}" if row.perplexity else ""))
@@ -198,11 +207,12 @@ def run_recipe(recipe: Recipe, *, output: str | Path | None = None, overwrite: b
     if out_dir is not None:
         start = time.perf_counter()
         ow = overwrite if overwrite is not None else (recipe.export.overwrite if recipe.export else False)
-        path = export(model, tok, out_dir, overwrite=ow)
+        layout = recipe.export.layout if recipe.export else "dense"
+        path = export(model, tok, out_dir, overwrite=ow, layout=layout)
         row = report.add(StageRow("export", time.perf_counter() - start, bytes=weights_bytes(path),
                                   parameters=report.rows[-1].parameters, sparsity=report.rows[-1].sparsity,
                                   bits=report.rows[-1].bits, bits_per_weight=report.rows[-1].bits_per_weight,
-                                  detail={"path": str(path)}))
+                                  detail={"path": str(path), "layout": layout}))
         echo(f"[export] {path} ({row.bytes / 2**20:.1f} MiB)")
         if recipe.export and recipe.export.verify:
             start = time.perf_counter()
@@ -215,6 +225,21 @@ def run_recipe(recipe: Recipe, *, output: str | Path | None = None, overwrite: b
     echo("")
     echo(report.table())
     return report
+
+
+def _calibration_for(cfg: MethodConfig, recipe: Recipe, tok, cache: dict):
+    """The calibration windows of a pass: the recipe's, or, for a pass with its own ``samples``
+    (LoRA retraining reads more text than a one-shot method), that many windows of the same
+    source drawn with the next seed. Built once per sample count."""
+    if not _needs_data(cfg):
+        return None
+    c = recipe.calibration
+    own = getattr(cfg, "samples", None)
+    samples, seed = (own, c.seed + 1) if own else (c.samples, c.seed)
+    if samples not in cache:
+        cache[samples] = calibration_data(tok, recipe.path(c.data), samples=samples, seqlen=c.seqlen, seed=seed,
+                                          split=c.split, text_field=c.text_field)
+    return cache[samples]
 
 
 def _evaluate(model, tok, recipe: Recipe, progress: bool, row: StageRow, echo) -> float:

@@ -64,7 +64,7 @@ def summarize(model: nn.Module) -> dict:
             w = module.dequantize(torch.float32)
             linear_bytes += sum(_tensor_bytes(t) for name, t in module.named_buffers(recurse=False)
                                 if name != "weight_shape")
-            bits.add(module.label.split()[0])
+            bits.add(module.label if getattr(module, "sparse_layout", False) else module.label.split()[0])
         elif isinstance(module, nn.Linear):
             w = module.weight
             linear_bytes += _tensor_bytes(w)

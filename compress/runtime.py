@@ -12,6 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from .kernels.dequant_linear import check_backend
+from .quant.packed import PackedLinear
 
 
 def set_backend(model: nn.Module, backend: str) -> int:
@@ -19,7 +20,7 @@ def set_backend(model: nn.Module, backend: str) -> int:
     check_backend(backend)
     count = 0
     for module in model.modules():
-        if hasattr(module, "backend") and hasattr(module, "weight_packed"):
+        if isinstance(module, PackedLinear):
             module.backend = backend
             count += 1
     return count

@@ -62,3 +62,22 @@ def test_kv_cache_benchmark_tiny(tmp_path, tokenizer, text_file, capsys):
     assert rows["int2-w0"]["agreement"]["new_tokens"] == 6 and "agreement" not in rows["fp8-head"]
     assert rows["int2-w0"]["perplexity"] != rows["float"]["perplexity"]
     assert "int2-w0" in capsys.readouterr().out
+
+
+def test_pruning_benchmark_tiny(tmp_path, tokenizer, text_file, capsys):
+    from conftest import tiny_model
+    bench = _script("pruning")
+    model_dir = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "pruning.json"
+    assert bench.main(["--model", str(model_dir), "--calib", str(text_file), "--eval", str(text_file), "--samples", "2",
+                       "--train-samples", "4", "--seqlen", "32", "--max-windows", "2", "--lora-steps", "2",
+                       "--only", "float", "wanda-2of4+lora", "mlp25-weight", "--output", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = {r["setting"]: r for r in data["rows"]}
+    pruned, retrained = rows["wanda-2of4+lora"]["stages"]
+    assert pruned["is_2of4"] and retrained["is_2of4"] and retrained["sparsity"] == pruned["sparsity"] > 0.49
+    assert retrained["retrain"]["steps"] == 2 and retrained["retrain"]["max_mask_deviation"] == 0.0
+    assert rows["mlp25-weight"]["stages"][0]["parameters"] < rows["float"]["stages"][0]["parameters"]
+    assert "gap closed" in capsys.readouterr().out

@@ -4,6 +4,7 @@ import sys
 
 import pytest
 
+import compress
 from compress.cli import main
 
 
@@ -122,3 +123,33 @@ def test_w4a4_without_calibration_exits_2(base, tmp_path, capsys):
     assert main(["quantize", str(base), "--method", "rtn", "--scheme", "nvfp4a16", "--bits", "8",
                  "--output", str(tmp_path / "y")]) == 2
     assert "bits must be 4" in capsys.readouterr().err
+
+
+def test_prune_wanda_2of4_with_lora_exports_compact_and_reloads(base, text_file, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert main(["-q", "prune", str(base), "--method", "wanda", "--pattern", "2:4", "--calib", str(text_file),
+                 "--calib-samples", "4", "--seqlen", "32", "--lora-steps", "2", "--train-samples", "4",
+                 "--eval", str(text_file), "--max-windows", "2", "--layout", "compact", "--output", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "wanda 2:4" in table and "lora" in table
+    report = json.loads((out / "report.json").read_text())
+    stages = {s["name"].split()[0]: s for s in report["stages"]}
+    assert stages["lora"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert stages["lora"]["detail"]["result"]["steps"] == 2
+    assert main(["inspect", str(out)]) == 0
+    assert "2:4 in 14 modules" in capsys.readouterr().out
+    model, _ = compress.load_model(out)
+    assert type(model.model.layers[0].mlp.down_proj).__name__ == "Sparse24Linear"
+
+
+def test_prune_structured_and_errors(base, text_file, tmp_path, capsys):
+    out = tmp_path / "narrow"
+    assert main(["-q", "prune", str(base), "--method", "structured", "--ratio", "0.2", "--importance", "weight",
+                 "--output", str(out)]) == 0
+    from transformers import AutoModelForCausalLM
+    assert AutoModelForCausalLM.from_pretrained(out).config.intermediate_size == 128     # 160 -> multiple of 128
+    assert main(["prune", str(base), "--method", "wanda", "--output", str(tmp_path / "x")]) == 2
+    assert "need(s) --calib" in capsys.readouterr().err
+    assert main(["prune", str(base), "--method", "wanda", "--bits", "4", "--calib", str(text_file),
+                 "--output", str(tmp_path / "y")]) == 2
+    assert "needs --method sparsegpt" in capsys.readouterr().err

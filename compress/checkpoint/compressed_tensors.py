@@ -129,7 +129,9 @@ def quantization_config(model: nn.Module) -> dict[str, Any] | None:
     by_scheme: dict[IntScheme | FP4Scheme, list[str]] = {}
     dense_linears: list[str] = []
     for name, module in model.named_modules():
-        if isinstance(module, PackedLinear):
+        if getattr(module, "sparse_layout", False):
+            dense_linears.append(name)         # our compact 2:4 layout: compress_sparsity describes it
+        elif isinstance(module, PackedLinear):
             by_scheme.setdefault(scheme_of(module), []).append(name)
         elif isinstance(module, nn.Linear):
             dense_linears.append(name)

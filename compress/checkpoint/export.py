@@ -23,6 +23,8 @@ from ..quant.grid import num_groups
 from ..quant.linear import QuantLinear
 from .compressed_tensors import quantization_config
 from .safetensors_io import DEFAULT_SHARD_BYTES, write_state_dict
+from .sparse_layout import CONFIG_KEY as SPARSITY_KEY
+from .sparse_layout import check_layout, compact_replacements, dense_replacements, sparsity_config, swapped
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +65,24 @@ def _check_destination(path: Path, overwrite: bool) -> None:
 
 
 def export(model: nn.Module, tokenizer, path: str | Path, *, overwrite: bool = False,
-           max_shard_bytes: int = DEFAULT_SHARD_BYTES, metadata: dict[str, str] | None = None) -> Path:
+           max_shard_bytes: int = DEFAULT_SHARD_BYTES, metadata: dict[str, str] | None = None,
+           layout: str = "dense") -> Path:
     """Write ``model`` (and ``tokenizer``) as a checkpoint directory at ``path``.
 
     Quantized models are written in the compressed-tensors pack-quantized format, which
     transformers (with compressed-tensors installed) and vLLM load without compress; dense models
-    as a plain transformers checkpoint.
+    as a plain transformers checkpoint. Pruned models keep their zeros (``layout="dense"``), or
+    with ``layout="compact"`` store their 2:4 linears in our compact layout (kept values + 2-bit
+    positions, docs/sparse-format.md), which only compress loads.
     """
+    check_layout(layout)
+    replacements = compact_replacements(model) if layout == "compact" else dense_replacements(model)
+    with swapped(model, replacements):
+        return _export(model, tokenizer, path, overwrite, max_shard_bytes, metadata)
+
+
+def _export(model: nn.Module, tokenizer, path, overwrite: bool, max_shard_bytes: int,
+            metadata: dict[str, str] | None) -> Path:
     path = Path(path).expanduser().resolve()
     _check_destination(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,6 +99,10 @@ def export(model: nn.Module, tokenizer, path: str | Path, *, overwrite: bool = F
         qc = quantization_config(model)
         if qc is not None:
             config["quantization_config"] = qc
+        config.pop(SPARSITY_KEY, None)
+        sparse = sparsity_config(model)
+        if sparse is not None:
+            config[SPARSITY_KEY] = sparse
         config["dtype"] = str(_float_dtype(model)).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         generation = getattr(model, "generation_config", None)

@@ -42,11 +42,14 @@ def inspect_checkpoint(path: str | Path) -> dict:
         "kv_cache": config.get("compress_kv_cache"),
         "kv_cache_scheme": qc.get("kv_cache_scheme"),
     }
-    packed = {k[: -len(".weight_packed")]: v for k, v in tensors.items() if k.endswith(".weight_packed")}
+    sparse = (config.get("compress_sparsity") or {}).get("modules") or {}
+    packed = {k[: -len(".weight_packed")]: v for k, v in tensors.items()
+              if k.endswith(".weight_packed") and k[: -len(".weight_packed")] not in sparse}
     params = 0
     for key, v in tensors.items():
         if key.endswith((".weight_scale", ".weight_zero_point", ".weight_shape", ".weight_packed",
-                         ".weight_global_scale", ".input_global_scale", ".weight_g_idx", ".k_scale", ".v_scale")):
+                         ".weight_global_scale", ".input_global_scale", ".weight_g_idx", ".k_scale", ".v_scale",
+                         ".weight_values", ".weight_meta")):
             continue
         params += math.prod(v["shape"])
     quant_params = 0
@@ -67,6 +70,19 @@ def inspect_checkpoint(path: str | Path) -> dict:
         scheme = _scheme_for(module, info["schemes"])
         if scheme.get("group_size") and in_features % scheme["group_size"]:
             partial += 1
+    sparse_params = sparse_bytes = 0
+    for module in sparse:
+        out_features, in_features = shapes.get(module, (0, 0))
+        sparse_params += out_features * in_features
+        sparse_bytes += sum(math.prod(tensors[f"{module}.{t}"]["shape"]) * _width(tensors[f"{module}.{t}"]["dtype"])
+                            for t in ("weight_values", "weight_packed", "weight_scale", "weight_meta")
+                            if f"{module}.{t}" in tensors)
+    params += sparse_params
+    info["sparsity"] = None if not sparse else {
+        "format": config["compress_sparsity"].get("format"), "version": config["compress_sparsity"].get("version"),
+        "pattern": config["compress_sparsity"].get("pattern"), "modules": len(sparse),
+        "values": sorted({str(m.get("values")) for m in sparse.values()}),
+        "bits_per_weight": 8 * sparse_bytes / sparse_params if sparse_params else None}
     info["quantized_modules"] = len(packed)
     info["partial_group_modules"] = partial
     info["parameters"] = params + quant_params
@@ -126,6 +142,11 @@ def format_inspection(info: dict) -> str:
     if info["bits_per_quantized_weight"]:
         lines.append(f"  bits       {info['bits_per_quantized_weight']:.3f} per quantized weight (codes + scales"
                      f" + zero points)")
+    sp = info.get("sparsity")
+    if sp:
+        lines.append(f"  sparsity   {sp['pattern']} in {sp['modules']} modules, {sp['format']} v{sp['version']} "
+                     f"({'/'.join(sp['values'])} values + 2-bit positions: {sp['bits_per_weight']:.3f} bits per "
+                     f"dense weight; compress runtime only)")
     if info["ignore"]:
         lines.append(f"  dense      {', '.join(info['ignore'])}")
     kv = info.get("kv_cache")

@@ -7,13 +7,16 @@ code, and a dispatcher that picks between them (``auto | torch | triton``).
 - ``fp4_linear.py`` / ``fp4_linear_triton.py``  the same for NVFP4 / MXFP4 weights
 - ``decode_attention.py`` / ``decode_attention_triton.py``  flash-decoding attention of one query
   token over a quantized KV cache (KIVI int8/4/2 or FP8) plus its full-precision window
+- ``sparse24_linear.py`` / ``sparse24_linear_triton.py``  y = x @ W^T + b for a 2:4 sparse weight in the
+  compact layout (kept values or int4 codes + 2-bit positions): layout functions, reference, kernel
 
 Importing this package needs neither a GPU nor Triton; Triton is imported on first use.
 """
 
 from .dequant_linear import BACKENDS, check_backend, dequant_linear, dequant_linear_reference
 from .decode_attention import decode_attention, decode_attention_reference
+from .sparse24_linear import sparse24_linear, sparse24_linear_reference
 from .tuning import KernelConfig
 
 __all__ = ["BACKENDS", "KernelConfig", "check_backend", "dequant_linear", "dequant_linear_reference",
-           "decode_attention", "decode_attention_reference"]
+           "decode_attention", "decode_attention_reference", "sparse24_linear", "sparse24_linear_reference"]

@@ -47,20 +47,27 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Te
     return None, d
 
 
+def prepare_hessian(hessian: torch.Tensor, weight: torch.Tensor, who: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 copies of (H, W) ready for an error-feedback solve (GPTQ, SparseGPT): inputs that
+    were always zero get a unit diagonal and a zero weight, since their weight never mattered."""
+    w = weight.float().clone()
+    h = hessian.float().clone()
+    if not torch.isfinite(h).all():
+        raise ValueError(f"{who}: the Hessian has inf/NaN entries; the calibration activations overflowed "
+                         "(try a float32 or bfloat16 model instead of float16)")
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    return h, w
+
+
 def gptq_solve(hessian: torch.Tensor, weight: torch.Tensor, cfg: GPTQConfig,
                scale_dtype: torch.dtype, fmt=None) -> QuantResult:
     """Quantize ``weight`` (rows, cols) given the input Hessian ``hessian`` (cols, cols), on the
     grid of ``fmt`` (default: the format ``cfg.scheme`` names: integer, NVFP4 or MXFP4)."""
     fmt = fmt or make_format(cfg, scale_dtype)
-    w = weight.float().clone()
-    h = hessian.float().clone()
+    h, w = prepare_hessian(hessian, weight, "GPTQ")
     rows, cols = w.shape
-    if not torch.isfinite(h).all():
-        raise ValueError("GPTQ: the Hessian has inf/NaN entries; the calibration activations overflowed "
-                         "(try a float32 or bfloat16 model instead of float16)")
-    dead = h.diagonal() == 0                   # inputs that were always zero: weight is irrelevant
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
     diag = h.diagonal().clone()
 
     g = fmt.group_size or cols

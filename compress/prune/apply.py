@@ -1,0 +1,184 @@
+"""Apply magnitude, Wanda or SparseGPT to a model: pick the target linears, score and prune them
+(through the calibration engine when data is needed) and, for SparseGPT's joint solve, swap in
+packed ``QuantLinear`` modules."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import defaultdict
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..engine import default_device, run_layerwise
+from ..errors import ConfigError
+from ..modeling import find_decoder_layers, get_module, name_matches, onloaded, set_module, tied_parameter_names
+from ..quant.formats import IntFormat
+from ..quant.grid import check_group_size
+from ..quant.linear import QuantLinear
+from ..stats import HessianStats, InputStats
+from .config import MagnitudeConfig, PruneConfig, SparseGPTConfig, WandaConfig
+from .masks import sparsity_of
+from .sparsegpt import select_mask, sparsegpt_solve
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class PruneRecord:
+    """What happened to one linear: the sparsity asked and measured, the method's own loss
+    (SparseGPT: OBS loss; Wanda: sum of pruned w^2 * E[x^2]; magnitude: sum of pruned w^2)."""
+
+    name: str
+    shape: tuple[int, int]
+    target: float
+    sparsity: float
+    loss: float
+    fallback: str | None = None
+
+
+class Pruner:
+    """The handler of the one-shot pruning configs, in the shape the calibration engine expects."""
+
+    def __init__(self, model: nn.Module, cfg: PruneConfig):
+        self.cfg = cfg
+        self.name = cfg.method
+        self.records: dict[str, PruneRecord] = {}
+        self._quant: dict[str, object] = {}
+        self.joint = isinstance(cfg, SparseGPTConfig) and cfg.bits is not None
+        self.targets = self._select_targets(model)       # name -> sparsity
+
+    def sparsity_for(self, name: str) -> float:
+        for pattern, value in self.cfg.layer_sparsity.items():
+            if name_matches(name, [pattern]):
+                return float(value)
+        return self.cfg.target_sparsity
+
+    def _select_targets(self, model: nn.Module) -> dict[str, float]:
+        tied = tied_parameter_names(model)
+        nm = self.cfg.nm
+        targets = {}
+        for name, module in model.named_modules():
+            if not isinstance(module, nn.Linear) or name_matches(name, self.cfg.ignore):
+                continue
+            if name in tied:
+                log.warning("%s shares its weight with another module (tied embeddings); left dense", name)
+                continue
+            sparsity = self.sparsity_for(name)
+            if sparsity == 0:
+                continue
+            if nm is not None and module.in_features % nm[1]:
+                raise ConfigError(f"pattern {self.cfg.pattern!r} groups {nm[1]} inputs, but in_features "
+                                  f"{module.in_features} of {name} is not a multiple of {nm[1]}; add "
+                                  f"{name!r} to ignore (it stays dense)")
+            if self.joint:
+                check_group_size(name, module.in_features, self.cfg.group_size, self.cfg.partial_groups)
+            targets[name] = sparsity
+        if not targets:
+            raise ConfigError(f"no nn.Linear layer of {type(model).__name__} is left to prune after "
+                              f"ignore={self.cfg.ignore} and layer_sparsity={self.cfg.layer_sparsity}")
+        return targets
+
+    # --- the engine's interface -------------------------------------------------------------
+    def is_target(self, name: str, module: nn.Module) -> bool:
+        return name in self.targets
+
+    def new_stats(self, module: nn.Linear) -> HessianStats | InputStats:
+        stats = HessianStats if isinstance(self.cfg, SparseGPTConfig) else InputStats
+        return stats(module.in_features, device=module.weight.device)
+
+    def solve(self, names: list[str], modules: list[nn.Linear], stats) -> None:
+        """Prune the linears that read one input. Rows are independent under per-row and N:M
+        selection, so linears with the same sparsity are solved stacked (one Cholesky factor)."""
+        has_data = stats is not None and stats.tokens > 0
+        if not has_data and not isinstance(self.cfg, MagnitudeConfig):
+            log.warning("%s received no calibration input; pruned by magnitude", names[0])
+        stackable = self.cfg.nm is not None or self.cfg.comparison == "row"
+        batches: dict[object, list[int]] = defaultdict(list)
+        for i, name in enumerate(names):
+            batches[(self.targets[name], modules[i].in_features) if stackable else i].append(i)
+        for members in batches.values():
+            self._solve_stacked([names[i] for i in members], [modules[i] for i in members], stats, has_data)
+
+    def _solve_stacked(self, names, modules, stats, has_data: bool) -> None:
+        weight = torch.cat([m.weight.detach() for m in modules], dim=0)      # (sum of rows, in)
+        dtype = modules[0].weight.dtype
+        sparsity = self.targets[names[0]]
+        fallback, quant = None, None
+        if isinstance(self.cfg, SparseGPTConfig) and has_data:
+            fmt = IntFormat(self.cfg.bits, self.cfg.group_size, True, self.cfg.observer, dtype) if self.joint else None
+            result = sparsegpt_solve(stats.hessian, weight, self.cfg, sparsity=sparsity, fmt=fmt)
+            new, loss, fallback, quant = result.weight, result.loss, result.fallback, result.quant
+        else:
+            w = weight.float()
+            col = stats.diag if has_data else None
+            score = w.abs() if col is None else w.abs() * col.sqrt()           # Wanda: |W| * ||X_j||
+            keep = select_mask(score, sparsity, self.cfg.nm, self.cfg.comparison)
+            new = w * keep
+            pruned = w.square() * ~keep
+            loss = float((pruned * col).sum()) if col is not None else float(pruned.sum())
+            if self.joint:                                                     # no data: RTN survivors
+                fmt = IntFormat(self.cfg.bits, self.cfg.group_size, True, self.cfg.observer, dtype)
+                params = fmt.fit(new, col)
+                codes, deq = fmt.quantize(new, params)
+                new = deq * keep
+                quant = fmt.result(codes, params, new, loss)
+        row = 0
+        for name, module in zip(names, modules):
+            rows = slice(row, row + module.out_features)
+            row += module.out_features
+            module.weight.data.copy_(new[rows].to(dtype))
+            if quant is not None:
+                self._quant[name] = (quant.codes[rows], quant.scale[rows])
+            self.records[name] = PruneRecord(name, tuple(module.weight.shape), sparsity,
+                                             sparsity_of(module.weight), loss, fallback)
+            if fallback:
+                log.warning("%s: %s", name, fallback)
+
+    def finalize(self, root: nn.Module, prefix: str, names: list[str]) -> None:
+        """Joint SparseGPT + quantization: swap the solved linears for packed QuantLinear."""
+        if not self.joint:
+            return
+        for local in names:
+            codes, scale = self._quant.pop(f"{prefix}{local}")
+            old = get_module(root, local)
+            new = QuantLinear.from_codes(codes, scale, None, bits=self.cfg.bits, group_size=self.cfg.group_size,
+                                         bias=old.bias, dtype=old.weight.dtype, observer=self.cfg.observer)
+            set_module(root, local, new.to(old.weight.device))
+
+
+def prune_weights(model: nn.Module, cfg: PruneConfig, calib=None, *, device=None, batch_size: int | None = None,
+                  progress: bool = True) -> dict[str, PruneRecord]:
+    """Prune every target linear of ``model`` in place. Wanda and SparseGPT need ``calib``."""
+    if not isinstance(cfg, PruneConfig):
+        raise ConfigError(f"prune_weights takes a pruning config, got {type(cfg).__name__}")
+    pruner = Pruner(model, cfg)
+    start = time.perf_counter()
+    layers_name, layers = find_decoder_layers(model)
+    dev = torch.device(device) if device is not None else default_device()
+    if isinstance(cfg, (WandaConfig, SparseGPTConfig)):
+        if calib is None:
+            raise ConfigError(f"{cfg.method} needs calibration data: pass calib=compress.calibration_data("
+                              f"tokenizer, TEXT_FILE, samples=..., seqlen=...) (CLI: --calib FILE); "
+                              f"magnitude pruning needs none")
+        run_layerwise(model, calib, pruner, device=device, batch_size=batch_size, progress=progress)
+    else:
+        for i, layer in enumerate(tqdm(layers, desc=f"{cfg.method} layers", unit="layer", disable=not progress)):
+            prefix = f"{layers_name}.{i}."
+            names = [n for n, _ in layer.named_modules() if prefix + n in pruner.targets]
+            with onloaded(layer, dev):
+                pruner.solve([prefix + n for n in names], [layer.get_submodule(n) for n in names], None)
+                pruner.finalize(layer, prefix, names)
+    done = set(pruner.records)
+    for name in [n for n in pruner.targets if n not in done]:     # outside the decoder layers (lm_head)
+        with onloaded(get_module(model, name), dev):
+            pruner.solve([name], [get_module(model, name)], None)
+            pruner.finalize(model, "", [name])
+    total = sum(r.shape[0] * r.shape[1] for r in pruner.records.values())
+    zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in pruner.records.values())
+    log.info("%s: %d linears pruned to %.2f%% sparsity in %.1f s", cfg.method, len(pruner.records),
+             100 * zeros / max(total, 1), time.perf_counter() - start)
+    return pruner.records
