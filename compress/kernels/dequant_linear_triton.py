@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tuning import KernelConfig
+from .tuning import KernelConfig, split_k_launch
 
 
 @triton.jit
@@ -233,13 +233,7 @@ def dequant_matmul(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, 
     N, KW = packed.shape
     G = scale.shape[1]
     bm = config.block_m
-    k_tiles = triton.cdiv(K, config.block_k)
-    split_k = max(1, min(config.split_k, k_tiles))
-    k_per_split = triton.cdiv(k_tiles, split_k) * config.block_k
-    split_k = triton.cdiv(K, k_per_split)                                # no empty slices
-    result = out if out is not None else torch.empty(M, N, device=x2.device, dtype=x2.dtype)
-    # Split-K slices add float32 partial sums into a zeroed buffer, cast once at the end.
-    acc = result if split_k == 1 else torch.zeros(M, N, device=x2.device, dtype=torch.float32)
+    split_k, k_per_split, result, acc = split_k_launch(M, N, K, config, x2, out)
     dot_dtype, precision = _dot_dtype(x2.dtype)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, config.block_n), split_k)
     _dequant_matmul_kernel[grid](

@@ -49,7 +49,7 @@ import triton.language as tl
 from ..errors import ConfigError
 from ..quant.packing import packed_words
 from .dequant_linear_triton import _dot, _dot_dtype, _store_output, _tile_ids
-from .tuning import KernelConfig
+from .tuning import KernelConfig, split_k_launch
 
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # How the kernel reads the kept values (VALUE_KIND).
@@ -295,13 +295,7 @@ def sparse24_matmul(x2: torch.Tensor, values_or_packed: torch.Tensor, meta: torc
                               f"{None if scale is None else tuple(scale.shape)}")
         scale = scale.contiguous()
     bm = config.block_m
-    k_tiles = triton.cdiv(K, config.block_k)
-    split_k = max(1, min(config.split_k, k_tiles))
-    k_per_split = triton.cdiv(k_tiles, split_k) * config.block_k
-    split_k = triton.cdiv(K, k_per_split)                                # no empty slices
-    result = out if out is not None else torch.empty(M, N, device=x2.device, dtype=x2.dtype)
-    # Split-K slices add float32 partial sums into a zeroed buffer, cast once at the end.
-    acc = result if split_k == 1 else torch.zeros(M, N, device=x2.device, dtype=torch.float32)
+    split_k, k_per_split, result, acc = split_k_launch(M, N, K, config, x2, out)
     dot_dtype, precision = _dot_dtype(x2.dtype)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, config.block_n), split_k)
     _sparse24_kernel[grid](

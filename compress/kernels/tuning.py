@@ -23,6 +23,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import torch
+
 log = logging.getLogger(__name__)
 
 KINDS = ("splitk", "tiled", "dense")
@@ -185,3 +187,19 @@ class Autotuner:
 
 def _safe(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
+def split_k_launch(M: int, N: int, K: int, config: KernelConfig, x: torch.Tensor,
+                   out: torch.Tensor | None = None) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    """The split-K plan every fused linear kernel launches with: (split_k, k_per_split, result, acc).
+
+    K is cut into ``split_k`` slices of whole BLOCK_K tiles, none empty. With one slice the kernel
+    writes ``result`` (M, N) in x's dtype directly; with several, the slices add float32 partial sums
+    into a zeroed ``acc`` that the caller copies into ``result`` after the launch."""
+    k_tiles = -(-K // config.block_k)
+    split_k = max(1, min(config.split_k, k_tiles))
+    k_per_split = -(-k_tiles // split_k) * config.block_k
+    split_k = -(-K // k_per_split)                                       # no empty slices
+    result = out if out is not None else torch.empty(M, N, device=x.device, dtype=x.dtype)
+    acc = result if split_k == 1 else torch.zeros(M, N, device=x.device, dtype=torch.float32)
+    return split_k, k_per_split, result, acc
