@@ -13,11 +13,13 @@
 
 __version__ = "0.1.0"
 
-from .api import apply, prune, quantize  # noqa: E402
+from .api import apply, distill, prune, quantize  # noqa: E402
 from .bench import BenchResult, BenchSettings, benchmark  # noqa: E402
 from .checkpoint.export import export  # noqa: E402
 from .checkpoint.inspect import inspect_checkpoint  # noqa: E402
 from .configs import config_from_dict, registered_methods  # noqa: E402
+from .distill.config import DistillConfig  # noqa: E402
+from .distill.teacher import TeacherTargets, compute_targets  # noqa: E402
 from .data import CalibrationData, calibration_data  # noqa: E402
 from .errors import (CheckpointError, CompressError, ConfigError, DataError, MissingPathError,  # noqa: E402
                      ModelLoadError)
@@ -32,7 +34,7 @@ from .quant.linear import QuantLinear  # noqa: E402
 from .runtime import set_backend  # noqa: E402
 
 __all__ = [
-    "__version__", "apply", "prune", "quantize", "MagnitudeConfig", "WandaConfig", "SparseGPTConfig", "StructuredConfig", "LoRAConfig", "export", "inspect_checkpoint", "config_from_dict", "registered_methods",
+    "__version__", "apply", "prune", "quantize", "distill", "DistillConfig", "TeacherTargets", "compute_targets", "MagnitudeConfig", "WandaConfig", "SparseGPTConfig", "StructuredConfig", "LoRAConfig", "export", "inspect_checkpoint", "config_from_dict", "registered_methods",
     "CalibrationData", "calibration_data", "evaluate", "generate", "EvalResult", "load_model", "GPTQConfig",
     "RTNConfig", "QuantLinear", "KVCacheConfig", "QuantizedKVCache", "kv_cache", "generation_agreement",
     "AgreementResult", "set_backend", "benchmark", "BenchSettings", "BenchResult", "CompressError",

@@ -18,6 +18,9 @@ from .prune.config import MagnitudeConfig, PruneConfig, SparseGPTConfig, WandaCo
 from .prune.lora import LoRAConfig
 from .prune.lora_train import lora_retrain
 from .prune.structured import StructuredConfig, prune_structured
+from .distill.apply import distill as _distill
+from .distill.apply import distill_pass
+from .distill.config import DistillConfig
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +42,17 @@ register_handler(WandaConfig, prune_weights)
 register_handler(SparseGPTConfig, prune_weights)
 register_handler(StructuredConfig, prune_structured)
 register_handler(LoRAConfig, lora_retrain)
+register_handler(DistillConfig, distill_pass)
 
 
 def apply(model: nn.Module, cfg: MethodConfig, calib=None, *, device=None, batch_size: int | None = None,
-          progress: bool = True):
-    """Apply any registered method config to ``model`` in place; returns the method's records."""
+          progress: bool = True, **options):
+    """Apply any registered method config to ``model`` in place; returns the method's records.
+    ``options`` go to the method's handler (distillation: ``teacher=``, ``state_path=``)."""
     handler = _HANDLERS.get(type(cfg))
     if handler is None:
         raise ConfigError(f"no handler for {type(cfg).__name__}; known: {[t.__name__ for t in _HANDLERS]}")
-    return handler(model, cfg, calib, device=device, batch_size=batch_size, progress=progress)
+    return handler(model, cfg, calib, device=device, batch_size=batch_size, progress=progress, **options)
 
 
 def quantize(model: nn.Module, cfg: MethodConfig, calib=None, *, device=None, batch_size: int | None = None,
@@ -74,3 +79,15 @@ def prune(model: nn.Module, cfg: MethodConfig, calib=None, *, device=None, batch
     if not isinstance(cfg, (PruneConfig, StructuredConfig)):
         raise ConfigError(f"prune() takes a pruning config, got {type(cfg).__name__}")
     return apply(model, cfg, calib, device=device, batch_size=batch_size, progress=progress)
+
+
+def distill(model: nn.Module, cfg: DistillConfig, calib=None, *, teacher, device=None,
+            batch_size: int | None = None, progress: bool = True, state_path=None):
+    """Distil ``teacher`` (the uncompressed model, or its cached ``TeacherTargets``) into the
+    compressed ``model`` in place: LoRA adapters trained on ``calib``'s windows to match the
+    teacher, merged under the sparsity mask (dense/pruned layers) or kept as a low-rank
+    correction / requantized (quantized layers). Returns a DistillResult (steps, losses, terms)."""
+    if not isinstance(cfg, DistillConfig):
+        raise ConfigError(f"distill() takes a DistillConfig, got {type(cfg).__name__}")
+    return _distill(model, cfg, calib, teacher=teacher, device=device, progress=progress,
+                    micro_batch_size=batch_size, state_path=state_path)

@@ -95,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", default=None)
     r.add_argument("--backend", choices=BACKENDS, default=None,
                    help=_BACKEND_HELP + " (overrides the recipe's backend)")
+    r.add_argument("--restart", action="store_true",
+                   help="ignore the work directory of an interrupted run (OUTPUT.work) and start from the first pass")
 
     _bench_parser(sub)
 
@@ -313,7 +315,7 @@ def _run(args) -> int:
     if args.backend is not None:
         recipe.backend = args.backend
     run_recipe(recipe, output=Path(args.output) if args.output else None, overwrite=args.overwrite,
-               progress=not args.quiet)
+               progress=not args.quiet, resume=not args.restart)
     return 0
 
 

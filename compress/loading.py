@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint.adapter import CONFIG_KEY as ADAPTER_KEY
+from .checkpoint.adapter import install_adapters
 from .checkpoint.compressed_tensors import QUANT_METHOD, install_quant_linears, parse_kv_cache_scheme
 from .checkpoint.safetensors_io import check_directory, read_state_dict
 from .errors import CheckpointError, MissingPathError, ModelLoadError
@@ -93,7 +95,7 @@ def load_model(source: str | os.PathLike, *, dtype: str | torch.dtype | None = "
     elif isinstance(resolved, Path):
         config = _read_config(resolved / "config.json")
         qc = config.get("quantization_config") or {}
-        if qc.get("quant_method") == QUANT_METHOD or config.get(SPARSITY_KEY):
+        if qc.get("quant_method") == QUANT_METHOD or config.get(SPARSITY_KEY) or config.get(ADAPTER_KEY):
             model = load_compressed(resolved, torch_dtype)
         else:
             check_directory(resolved)
@@ -181,7 +183,8 @@ def _load_tokenizer(source):
 
 def load_compressed(directory: Path, dtype="auto") -> nn.Module:
     """Build the model from its config on the meta device, swap in packed modules where the
-    compressed-tensors config says, then assign the checkpoint tensors."""
+    compressed-tensors config says, assign the checkpoint tensors, then wrap the modules that
+    ``compress_adapter`` names in LoRALinear with the adapter's weights (from ``adapter/``)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -193,6 +196,9 @@ def load_compressed(directory: Path, dtype="auto") -> nn.Module:
     sparse = getattr(config, SPARSITY_KEY, None)
     if hasattr(config, SPARSITY_KEY):
         delattr(config, SPARSITY_KEY)
+    adapter = getattr(config, ADAPTER_KEY, None)
+    if hasattr(config, ADAPTER_KEY):
+        delattr(config, ADAPTER_KEY)           # the LoRALinear modules carry it from here on
     state = read_state_dict(directory)
     float_dtypes = {t.dtype for k, t in state.items() if t.is_floating_point()}
     model_dtype = dtype if dtype != "auto" else (
@@ -235,6 +241,9 @@ def load_compressed(directory: Path, dtype="auto") -> nn.Module:
             module.check_g_idx(f"{directory}: {name}")
         elif isinstance(module, Sparse24Linear):
             module.check_meta(f"{directory}: {name}")
+    if adapter:
+        # After the main state: the adapter's tensors live in adapter/, not in the checked state.
+        install_adapters(model, adapter, directory, f"{directory}/config.json")
     still_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if still_meta:
         raise CheckpointError(f"{directory}: no data for {still_meta[:5]}; the checkpoint is incomplete")

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from . import __version__
@@ -38,6 +39,11 @@ from .kernels.dequant_linear import check_backend
 from .loading import load_model
 from .report import Report, StageRow, summarize
 from .runtime import set_backend
+from .distill.config import DistillConfig
+from .distill.teacher import compute_targets
+from .engine import default_device
+from .prune.lora import LoRAConfig
+from .workdir import WorkDir
 
 log = logging.getLogger(__name__)
 
@@ -174,72 +180,150 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def run_recipe(recipe: Recipe, *, output: str | Path | None = None, overwrite: bool | None = None,
-               progress: bool = True, echo=print) -> Report:
-    """Run every stage; print the table; write ``report.json`` into the export directory."""
+               progress: bool = True, echo=print, resume: bool = True) -> Report:
+    """Run every stage; print the table; write ``report.json`` into the export directory.
+
+    With an export directory, every finished stage is checkpointed in ``<output>.work/``
+    (``workdir.py``); a rerun of an interrupted recipe starts after its last finished stage
+    (``resume=False``: start from the beginning). The work directory goes once the export is written.
+    """
     report = Report(meta={"recipe": recipe.to_dict(), "compress_version": __version__})
     out_dir = Path(output) if output is not None else (recipe.path(recipe.export.output) if recipe.export else None)
+    work = WorkDir.beside(out_dir, recipe) if out_dir is not None else None
+    if work is not None and not resume:
+        work.remove()
+    resumed = work.resume() if work is not None else None
 
     start = time.perf_counter()
-    model, tok = load_model(recipe.path(recipe.model), dtype=recipe.dtype, backend=recipe.backend)
-    row = report.add(StageRow("load", time.perf_counter() - start, **summarize(model)))
-    if recipe.evaluation and recipe.evaluation.baseline:
-        row.perplexity = _evaluate(model, tok, recipe, progress, row, echo)
-    echo(f"[load] {recipe.model}: {row.parameters / 1e6:.1f}M parameters, {row.seconds:.1f} s"
-         + (f", perplexity {row.perplexity:.3f}" if row.perplexity else ""))
-
-    calib_cache: dict[int, object] = {}
-    for i, cfg in enumerate(recipe.passes):
-        start = time.perf_counter()
-        calib = _calibration_for(cfg, recipe, tok, calib_cache)
-        records = apply(model, cfg, calib, device=recipe.device,
-                        batch_size=recipe.calibration.batch_size if recipe.calibration else None, progress=progress)
-        set_backend(model, recipe.backend)       # the packed layers this pass created
-        detail = {"config": cfg.to_dict()}
-        if hasattr(records, "to_dict"):              # e.g. LoRA retraining: steps, tokens, losses
-            detail["result"] = records.to_dict()
-        else:
-            detail["modules"] = len(records or {})
-        row = report.add(StageRow(_stage_name(cfg), time.perf_counter() - start, **summarize(model), detail=detail))
-        if recipe.evaluation:
+    source = recipe.path(recipe.model) if resumed is None else resumed.checkpoint
+    model, tok = load_model(source, dtype=recipe.dtype, backend=recipe.backend)
+    if resumed is None:
+        row = report.add(StageRow("load", time.perf_counter() - start, **summarize(model)))
+        if recipe.evaluation and recipe.evaluation.baseline:
             row.perplexity = _evaluate(model, tok, recipe, progress, row, echo)
-        echo(f"[{row.name}] {row.seconds:.1f} s" + (f", perplexity {row.perplexity:.3f}" if row.perplexity else ""))
+        echo(f"[load] {recipe.model}: {row.parameters / 1e6:.1f}M parameters, {row.seconds:.1f} s"
+             + (f", perplexity {row.perplexity:.3f}" if row.perplexity else ""))
+    else:
+        report.rows.extend(resumed.rows)
+        echo(f"[resume] {resumed.finished} of {len(recipe.passes)} passes already done; continuing from "
+             f"{resumed.checkpoint} (rerun with --restart to start over)")
+    first = resumed.finished if resumed else 0
 
+    calib_cache: dict[tuple[int, int], object] = {}
+    teachers = _prepare_teachers(recipe, model, tok, first, work, calib_cache, progress, report, echo)
+    for i, cfg in enumerate(recipe.passes[first:], start=first):
+        _run_pass(i, cfg, model, tok, recipe, teachers, work, calib_cache, progress, report, echo)
     if out_dir is not None:
-        start = time.perf_counter()
-        ow = overwrite if overwrite is not None else (recipe.export.overwrite if recipe.export else False)
-        layout = recipe.export.layout if recipe.export else "dense"
-        path = export(model, tok, out_dir, overwrite=ow, layout=layout)
-        row = report.add(StageRow("export", time.perf_counter() - start, bytes=weights_bytes(path),
-                                  parameters=report.rows[-1].parameters, sparsity=report.rows[-1].sparsity,
-                                  bits=report.rows[-1].bits, bits_per_weight=report.rows[-1].bits_per_weight,
-                                  detail={"path": str(path), "layout": layout}))
-        echo(f"[export] {path} ({row.bytes / 2**20:.1f} MiB)")
-        if recipe.export and recipe.export.verify:
-            start = time.perf_counter()
-            reloaded, tok2 = load_model(path, backend=recipe.backend)
-            row = report.add(StageRow("reload", time.perf_counter() - start, **summarize(reloaded)))
-            if recipe.evaluation:
-                row.perplexity = _evaluate(reloaded, tok2, recipe, progress, row, echo)
-            echo(f"[reload] {row.seconds:.1f} s" + (f", perplexity {row.perplexity:.3f}" if row.perplexity else ""))
+        path = _export(model, tok, out_dir, recipe, overwrite, progress, report, echo)
         report.write(path / "report.json")
+        if work is not None:
+            work.remove()
     echo("")
     echo(report.table())
     return report
 
 
+def _run_pass(i: int, cfg: MethodConfig, model, tok, recipe: Recipe, teachers: dict, work: WorkDir | None,
+              calib_cache: dict, progress: bool, report: Report, echo) -> None:
+    """Apply pass ``i``, add its row, checkpoint it in the work directory, evaluate it."""
+    start = time.perf_counter()
+    calib = _calibration_for(cfg, recipe, tok, calib_cache)
+    options = {}
+    if isinstance(cfg, LoRAConfig) and work is not None:      # LoRA and distillation: resumable training
+        options["state_path"] = work.train_state_path(i)
+    if isinstance(cfg, DistillConfig):
+        options["teacher"] = teachers.get(i) or _teacher_model(recipe)
+    records = apply(model, cfg, calib, device=recipe.device,
+                    batch_size=recipe.calibration.batch_size if recipe.calibration else None, progress=progress,
+                    **options)
+    set_backend(model, recipe.backend)       # the packed layers this pass created
+    detail = {"config": cfg.to_dict()}
+    if hasattr(records, "to_dict"):              # e.g. LoRA retraining: steps, tokens, losses
+        detail["result"] = records.to_dict()
+    else:
+        detail["modules"] = len(records or {})
+    row = report.add(StageRow(_stage_name(cfg), time.perf_counter() - start, **summarize(model), detail=detail))
+    if work is not None:
+        row.disk_bytes = work.checkpoint(model, tok, i)
+    if recipe.evaluation:
+        row.perplexity = _evaluate(model, tok, recipe, progress, row, echo)
+    if work is not None:
+        work.record(i, report.rows)
+    echo(f"[{row.name}] {row.seconds:.1f} s" + (f", perplexity {row.perplexity:.3f}" if row.perplexity else ""))
+
+
+def _export(model, tok, out_dir: Path, recipe: Recipe, overwrite: bool | None, progress: bool, report: Report,
+            echo) -> Path:
+    """Write the checkpoint (and, with ``verify``, reload and measure it again); add their rows."""
+    start = time.perf_counter()
+    ow = overwrite if overwrite is not None else (recipe.export.overwrite if recipe.export else False)
+    layout = recipe.export.layout if recipe.export else "dense"
+    path = export(model, tok, out_dir, overwrite=ow, layout=layout)
+    last = report.rows[-1]
+    row = report.add(StageRow("export", time.perf_counter() - start, bytes=last.bytes, disk_bytes=weights_bytes(path),
+                              parameters=last.parameters, sparsity=last.sparsity,
+                              bits=last.bits, bits_per_weight=last.bits_per_weight,
+                              detail={"path": str(path), "layout": layout}))
+    echo(f"[export] {path} ({row.disk_bytes / 2**20:.1f} MiB)")
+    if recipe.export and recipe.export.verify:
+        start = time.perf_counter()
+        reloaded, tok2 = load_model(path, backend=recipe.backend)
+        row = report.add(StageRow("reload", time.perf_counter() - start, **summarize(reloaded)))
+        if recipe.evaluation:
+            row.perplexity = _evaluate(reloaded, tok2, recipe, progress, row, echo)
+        echo(f"[reload] {row.seconds:.1f} s" + (f", perplexity {row.perplexity:.3f}" if row.perplexity else ""))
+    return path
+
+
+def _prepare_teachers(recipe: Recipe, model, tok, first: int, work: WorkDir | None, calib_cache: dict,
+                      progress: bool, report: Report, echo) -> dict[int, object]:
+    """The cached teacher targets of every distillation pass still to run, computed with the model
+    as it is before the first pass (or, on a resumed run, read back from the work directory; when
+    they are gone the recipe's model is loaded again to compute them)."""
+    out: dict[int, object] = {}
+    todo = [(i, cfg) for i, cfg in enumerate(recipe.passes) if i >= first and isinstance(cfg, DistillConfig)
+            and cfg.teacher == "cache"]
+    teacher = model if first == 0 else None
+    for i, cfg in todo:
+        path = work.teacher_path(i) if work is not None else None
+        if path is not None and path.is_file():
+            out[i] = path
+            continue
+        start = time.perf_counter()
+        if teacher is None:
+            teacher = _teacher_model(recipe)
+        calib = _calibration_for(cfg, recipe, tok, calib_cache)
+        device = torch.device(recipe.device) if recipe.device else default_device()
+        targets = compute_targets(teacher, calib.input_ids, cfg, device=device, batch_size=cfg.batch_size,
+                                  progress=progress)
+        out[i] = targets.save(path) if path is not None else targets
+        row = report.add(StageRow(f"teacher targets ({i})", time.perf_counter() - start,
+                                  detail={"windows": calib.input_ids.shape[0], "mib": targets.nbytes / 2**20,
+                                          "top_k": cfg.top_k, "hidden_layers": sorted(targets.hidden)}))
+        echo(f"[teacher] targets of pass {i} for {calib.input_ids.shape[0]} windows: {targets.nbytes / 2**20:.0f} MiB, "
+             f"{row.seconds:.1f} s")
+    return out
+
+
+def _teacher_model(recipe: Recipe):
+    """The teacher: the recipe's model as loaded, before any pass."""
+    model, _ = load_model(recipe.path(recipe.model), dtype=recipe.dtype, backend=recipe.backend)
+    return model
+
+
 def _calibration_for(cfg: MethodConfig, recipe: Recipe, tok, cache: dict):
     """The calibration windows of a pass: the recipe's, or, for a pass with its own ``samples``
     (LoRA retraining reads more text than a one-shot method), that many windows of the same
-    source drawn with the next seed. Built once per sample count."""
+    source drawn with the next seed. Built once per (sample count, seed)."""
     if not _needs_data(cfg):
         return None
     c = recipe.calibration
     own = getattr(cfg, "samples", None)
     samples, seed = (own, c.seed + 1) if own else (c.samples, c.seed)
-    if samples not in cache:
-        cache[samples] = calibration_data(tok, recipe.path(c.data), samples=samples, seqlen=c.seqlen, seed=seed,
-                                          split=c.split, text_field=c.text_field)
-    return cache[samples]
+    if (samples, seed) not in cache:
+        cache[samples, seed] = calibration_data(tok, recipe.path(c.data), samples=samples, seqlen=c.seqlen,
+                                                seed=seed, split=c.split, text_field=c.text_field)
+    return cache[samples, seed]
 
 
 def _evaluate(model, tok, recipe: Recipe, progress: bool, row: StageRow, echo) -> float:

@@ -32,6 +32,7 @@ class StageRow:
     sparsity: float | None = None
     bits: str | None = None
     bits_per_weight: float | None = None
+    disk_bytes: int | None = None       # the stage's checkpoint on disk (recipes with an export write one)
     detail: dict = dataclasses.field(default_factory=dict)
 
 
@@ -116,16 +117,22 @@ class Report:
         return path
 
     def table(self) -> str:
-        head = f"{'stage':<22}{'perplexity':>11}{'size MiB':>10}{'params':>10}{'sparsity':>10}" \
+        w = max([22] + [len(r.name) + 2 for r in self.rows])
+        head = f"{'stage':<{w}}{'perplexity':>11}{'size MiB':>10}{'params':>10}{'sparsity':>10}" \
                f"{'bits':>16}{'bits/w':>8}{'seconds':>9}"
         lines = [head, "-" * len(head)]
         for r in self.rows:
             lines.append(
-                f"{r.name:<22}{_fmt(r.perplexity, '.3f'):>11}{_fmt(r.bytes and r.bytes / 2**20, '.1f'):>10}"
+                f"{r.name:<{w}}{_fmt(r.perplexity, '.3f'):>11}{_fmt(_size(r) and _size(r) / 2**20, '.1f'):>10}"
                 f"{_fmt(r.parameters and r.parameters / 1e6, '.1f', 'M'):>10}"
                 f"{_fmt(r.sparsity and 100 * r.sparsity, '.2f', '%'):>10}{r.bits or '-':>16}"
                 f"{_fmt(r.bits_per_weight, '.2f'):>8}{r.seconds:>9.1f}")
         return "\n".join(lines)
+
+
+def _size(row: StageRow) -> int | None:
+    """Bytes on disk when the stage was written, else the tensor bytes a checkpoint would hold."""
+    return row.disk_bytes if row.disk_bytes is not None else row.bytes
 
 
 def _fmt(value, spec: str, suffix: str = "") -> str:

@@ -80,7 +80,9 @@ def test_run_writes_report_with_a_row_per_stage(tmp_path, tokenizer, text_file):
     assert names == ["load", "gptq w4g32", "export", "reload"]
     load, gptq, export, reload = saved["stages"]
     assert gptq["bits"] == "int4" and load["bits"] == "float32"
-    assert gptq["bytes"] < 0.5 * load["bytes"] and export["bytes"] == (out / "model.safetensors").stat().st_size
+    assert gptq["bytes"] < 0.5 * load["bytes"] and export["disk_bytes"] == (out / "model.safetensors").stat().st_size
+    assert gptq["disk_bytes"] == export["disk_bytes"]           # the stage checkpoint: the same tensors
+    assert not (tmp_path / "out.work").exists()                 # the work directory goes after the export
     assert reload["perplexity"] == pytest.approx(gptq["perplexity"], rel=1e-6)
     assert gptq["parameters"] == load["parameters"] and 0 <= gptq["sparsity"] < 0.2
     assert all(s["seconds"] >= 0 for s in saved["stages"]) and "machine" in saved

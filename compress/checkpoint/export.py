@@ -21,6 +21,8 @@ from .. import __version__
 from ..errors import CheckpointError
 from ..quant.grid import num_groups
 from ..quant.linear import QuantLinear
+from .adapter import CONFIG_KEY as ADAPTER_KEY
+from .adapter import adapter_replacements, write_adapters
 from .compressed_tensors import quantization_config
 from .safetensors_io import DEFAULT_SHARD_BYTES, write_state_dict
 from .sparse_layout import CONFIG_KEY as SPARSITY_KEY
@@ -74,15 +76,22 @@ def export(model: nn.Module, tokenizer, path: str | Path, *, overwrite: bool = F
     as a plain transformers checkpoint. Pruned models keep their zeros (``layout="dense"``), or
     with ``layout="compact"`` store their 2:4 linears in our compact layout (kept values + 2-bit
     positions, docs/sparse-format.md), which only compress loads.
+
+    LoRALinear modules (low-rank corrections) leave their base module in the checkpoint and their
+    adapters in ``adapter/`` as a PEFT LoRA adapter; dense bases trained under their sparsity mask
+    are merged instead (docs/checkpoint-format.md, "Low-rank correction").
     """
     check_layout(layout)
-    replacements = compact_replacements(model) if layout == "compact" else dense_replacements(model)
-    with swapped(model, replacements):
-        return _export(model, tokenizer, path, overwrite, max_shard_bytes, metadata)
+    # Unwrap the adapters first: the layouts below then see the base modules they know.
+    unwrapped, adapters = adapter_replacements(model)
+    with swapped(model, unwrapped):
+        replacements = compact_replacements(model) if layout == "compact" else dense_replacements(model)
+        with swapped(model, replacements):
+            return _export(model, tokenizer, path, overwrite, max_shard_bytes, metadata, adapters)
 
 
 def _export(model: nn.Module, tokenizer, path, overwrite: bool, max_shard_bytes: int,
-            metadata: dict[str, str] | None) -> Path:
+            metadata: dict[str, str] | None, adapters: dict[str, nn.Module]) -> Path:
     path = Path(path).expanduser().resolve()
     _check_destination(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,6 +112,9 @@ def _export(model: nn.Module, tokenizer, path, overwrite: bool, max_shard_bytes:
         sparse = sparsity_config(model)
         if sparse is not None:
             config[SPARSITY_KEY] = sparse
+        config.pop(ADAPTER_KEY, None)
+        if adapters:
+            config[ADAPTER_KEY] = write_adapters(adapters, tmp, metadata=meta)
         config["dtype"] = str(_float_dtype(model)).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         generation = getattr(model, "generation_config", None)

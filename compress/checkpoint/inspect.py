@@ -9,6 +9,8 @@ from pathlib import Path
 from safetensors import safe_open
 
 from ..errors import CheckpointError, MissingPathError
+from .adapter import CONFIG_KEY as ADAPTER_KEY
+from .adapter import summarize_adapter
 from .safetensors_io import check_directory, directory_bytes, read_header
 
 
@@ -41,6 +43,9 @@ def inspect_checkpoint(path: str | Path) -> dict:
         "ignore": qc.get("ignore", []),
         "kv_cache": config.get("compress_kv_cache"),
         "kv_cache_scheme": qc.get("kv_cache_scheme"),
+        # Kept apart from "parameters" and "weights_bytes", which describe the standard checkpoint.
+        "adapter": summarize_adapter(path, config[ADAPTER_KEY], str(config_path)) if config.get(ADAPTER_KEY)
+        else None,
     }
     sparse = (config.get("compress_sparsity") or {}).get("modules") or {}
     packed = {k[: -len(".weight_packed")]: v for k, v in tensors.items()
@@ -147,6 +152,10 @@ def format_inspection(info: dict) -> str:
         lines.append(f"  sparsity   {sp['pattern']} in {sp['modules']} modules, {sp['format']} v{sp['version']} "
                      f"({'/'.join(sp['values'])} values + 2-bit positions: {sp['bits_per_weight']:.3f} bits per "
                      f"dense weight; compress runtime only)")
+    ad = info.get("adapter")
+    if ad:
+        lines.append(f"  low-rank adapter: {ad['modules']} modules, rank {ad['rank']}, alpha {ad['alpha']:g}, "
+                     f"{ad['bytes'] / 2**20:.2f} MiB ({ad['parameters']:,} parameters; PEFT LoRA in {ad['path']}/)")
     if info["ignore"]:
         lines.append(f"  dense      {', '.join(info['ignore'])}")
     kv = info.get("kv_cache")

@@ -137,4 +137,7 @@ def directory_bytes(directory: Path) -> int:
 
 
 def weights_bytes(directory: Path) -> int:
-    return sum(os.path.getsize(f) for f in weight_files(Path(directory)))
+    """Bytes of the checkpoint's weight files, a low-rank correction's adapter/ included."""
+    directory = Path(directory)
+    adapter = directory / "adapter" / "adapter_model.safetensors"
+    return sum(os.path.getsize(f) for f in weight_files(directory)) + (adapter.stat().st_size if adapter.is_file() else 0)

@@ -83,6 +83,9 @@ class LoRAConfig(MethodConfig):
                           train on, drawn with the calibration seed + 1 so that they differ from
                           the windows the pruning pass saw; None = the recipe's calibration windows.
                           The Python API trains on whatever ``calib`` it is given.
+    checkpoint_every:     with a training-state file (recipes keep one in their work directory;
+                          ``retrain(state_path=...)``), save the adapters and optimizer every that
+                          many steps, so an interrupted run resumes there; 0 = only at the end.
     """
 
     method = "lora"
@@ -107,6 +110,7 @@ class LoRAConfig(MethodConfig):
     seed: int = 0
     grad_checkpointing: bool = False
     samples: int | None = None
+    checkpoint_every: int = 10
 
     def validate(self) -> None:
         if self.rank < 1:
@@ -141,6 +145,8 @@ class LoRAConfig(MethodConfig):
         if self.samples is not None and self.samples < self.batch_size:
             raise ConfigError(f"samples {self.samples} is fewer than batch_size {self.batch_size}; draw at least "
                               f"one batch of training windows")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"checkpoint_every must be >= 0 (0 = save only at the end), got {self.checkpoint_every}")
         if self.mask_during_training and not self.keep_mask:
             raise ConfigError("mask_during_training trains under the mask that keep_mask merges with; with "
                               "keep_mask false set mask_during_training false too")
@@ -304,7 +310,8 @@ def wrap_lora(model: nn.Module, cfg: LoRAConfig, generator: torch.Generator | No
     for name, base in targets.items():
         for p in base.parameters():
             p.requires_grad_(False)
-        mask = sparsity_mask(base_weight(base).detach()) if cfg.keep_mask else None
+        # Packed (quantized) bases get no mask: their adapters stay a separate dense correction.
+        mask = sparsity_mask(base.weight.detach()) if cfg.keep_mask and isinstance(base, nn.Linear) else None
         wrapped[name] = LoRALinear(base, cfg.rank, cfg.alpha, dropout=cfg.dropout, mask=mask,
                                    mask_during_training=cfg.mask_during_training, generator=generator)
         set_module(model, name, wrapped[name])

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 
@@ -26,11 +27,14 @@ from ..engine import check_seqlen, default_device
 from ..errors import ConfigError
 from ..modeling import onloaded, set_module
 from .lora import LoRAConfig, LoRALinear, base_weight, is_norm, merged_weight, unwrap_lora, wrap_lora
+from .train_state import TrainingCheckpoint, run_signature
 
 log = logging.getLogger(__name__)
 
-# loss_fn(model, input_ids (B, T)) -> scalar loss tensor, averaged over the batch's predictions.
-LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+# loss_fn(model, input_ids (B, T), index (B,)) -> scalar loss tensor, averaged over the batch's
+# predictions; index: the rows of the calibration windows in the batch (distillation looks up its
+# cached teacher targets with it).
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 # first_loss / last_loss average this many steps at each end of the run.
 LOSS_WINDOW = 5
@@ -90,8 +94,8 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over input_ids (B, T), computed in float32."""
+def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over input_ids (B, T), computed in float32 (index unused)."""
     logits = model(input_ids=input_ids, use_cache=False).logits                  # (B, T, V)
     logits = logits[:, :-1].float()
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
@@ -158,7 +162,8 @@ def _sample_batches(samples: int, batch_size: int, gen: torch.Generator) -> Iter
             yield order[i:i + batch_size]
 
 
-def _calibration_ids(calib) -> torch.Tensor:
+def calibration_ids(calib) -> torch.Tensor:
+    """The (samples, seqlen) int64 token ids of CalibrationData or of a tensor, checked."""
     if calib is None:
         raise ConfigError("LoRA retraining trains on calibration text: pass calib=compress.calibration_data("
                           "tokenizer, FILE, samples=..., seqlen=...) (in a recipe: a 'calibration' section)")
@@ -171,7 +176,7 @@ def _calibration_ids(calib) -> torch.Tensor:
 
 def retrain(model: nn.Module, cfg: LoRAConfig, calib, *, device: torch.device | str | None = None,
             progress: bool = True, loss_fn: LossFn | None = None,
-            micro_batch_size: int | None = None) -> RetrainResult:
+            micro_batch_size: int | None = None, state_path: str | os.PathLike | None = None) -> RetrainResult:
     """PERP retraining of ``model`` in place: LoRA on the target linears, plus norms and biases,
     trained on ``calib`` (CalibrationData or a (samples, seqlen) tensor of token ids) and merged
     under each layer's sparsity mask (``cfg.keep_mask``), or kept as LoRALinear (``cfg.merge``
@@ -181,10 +186,14 @@ def retrain(model: nn.Module, cfg: LoRAConfig, calib, *, device: torch.device | 
     back. loss_fn(model, input_ids) -> loss: default ``causal_lm_loss``. micro_batch_size: samples
     per forward/backward (default batch_size // grad_accum); must divide ``cfg.batch_size``.
 
+    state_path: a file for the training state (adapters, optimizer, step; saved every
+    ``cfg.checkpoint_every`` steps and at the end, ``train_state.py``): when it holds the state of
+    this same run, training resumes where that run stopped.
+
     requires_grad: afterwards every parameter has the requires_grad it had before, except that
     with merge=False the adapters stay trainable and their bases frozen.
     """
-    ids = _calibration_ids(calib)
+    ids = calibration_ids(calib)
     check_seqlen(model, ids.shape[1])
     if cfg.batch_size > ids.shape[0]:
         raise ConfigError(f"batch_size {cfg.batch_size} exceeds the {ids.shape[0]} calibration samples; lower "
@@ -208,7 +217,12 @@ def retrain(model: nn.Module, cfg: LoRAConfig, calib, *, device: torch.device | 
             for p in adapters + others:
                 p.requires_grad_(True)
             before = {name: (base_weight(m.base) == 0).detach() for name, m in wrapped.items()}
-            losses, stopped = _train(model, cfg, ids, adapters, others, loss_fn, micro, device, progress, start)
+            names = {id(p): n for n, p in model.named_parameters()}
+            named = {names[id(p)]: p for p in adapters + others}
+            checkpoint = None if state_path is None else TrainingCheckpoint(
+                state_path, cfg.checkpoint_every, run_signature(cfg, ids, named))
+            losses, stopped = _train(model, cfg, ids, named, len(adapters), loss_fn, micro, device, progress,
+                                     start, checkpoint)
             if cfg.merge:
                 unwrap_lora(model, wrapped, keep_mask=cfg.keep_mask)
             layers = _sparsity(wrapped, before, merged=cfg.merge)
@@ -234,10 +248,13 @@ def retrain(model: nn.Module, cfg: LoRAConfig, calib, *, device: torch.device | 
     return result
 
 
-def _train(model: nn.Module, cfg: LoRAConfig, ids: torch.Tensor, adapters: list[nn.Parameter],
-           others: list[nn.Parameter], loss_fn: LossFn, micro: int, device: torch.device, progress: bool,
-           start: float) -> tuple[list[float], str | None]:
-    """The optimizer loop; returns the loss of every step and why it stopped early (or None)."""
+def _train(model: nn.Module, cfg: LoRAConfig, ids: torch.Tensor, named: dict[str, nn.Parameter], n_adapters: int,
+           loss_fn: LossFn, micro: int, device: torch.device, progress: bool, start: float,
+           checkpoint: TrainingCheckpoint | None) -> tuple[list[float], str | None]:
+    """The optimizer loop over ``named`` (the first ``n_adapters`` are LoRA matrices, the rest
+    norms and biases); returns the loss of every step and why it stopped early (or None)."""
+    params = list(named.values())
+    adapters, others = params[:n_adapters], params[n_adapters:]
     masters = Float32Masters(others)
     groups = [{"params": adapters, "weight_decay": cfg.weight_decay},
               {"params": masters.for_optimizer(others), "weight_decay": 0.0}]
@@ -247,38 +264,60 @@ def _train(model: nn.Module, cfg: LoRAConfig, ids: torch.Tensor, adapters: list[
     if cfg.grad_checkpointing:
         _set_checkpointing(model, True)
     model.train()
+    names = {id(p): n for n, p in named.items()}
+    master_of = {names[id(p)]: m for p, m in masters.pairs}
     losses: list[float] = []
-    stopped = None
-    bar = tqdm(total=cfg.steps, desc="lora retrain", unit="step", disable=not progress)
+    stopped, first = None, 0
     # Seeded dropout draws; the caller's RNG state is restored afterwards.
-    with bar, _seeded(cfg.seed, device):
-        for step in range(cfg.steps):
-            elapsed = (time.perf_counter() - start) / (60 * cfg.max_minutes) if cfg.max_minutes else 0.0
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.learning_rate * lr_factor(step, cfg, elapsed)
-            batch = ids[next(batches)]                                       # (batch_size, T)
-            loss_sum = 0.0
-            for chunk in batch.split(micro):
-                loss = loss_fn(model, chunk.to(device)) * (chunk.shape[0] / cfg.batch_size)
-                loss.backward()
-                loss_sum += float(loss.detach())
-            if not math.isfinite(loss_sum):
-                raise ConfigError(f"the training loss became {loss_sum} at step {step}; lower learning_rate "
-                                  f"(now {cfg.learning_rate:g}) or set max_grad_norm")
-            masters.grads_to_masters()
-            if cfg.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(stepped, cfg.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            masters.masters_to_params()
-            losses.append(loss_sum)
-            bar.update(1)
-            bar.set_postfix(loss=f"{_mean(losses[-LOSS_WINDOW:]):.4f}")
-            if cfg.max_minutes is not None and time.perf_counter() - start >= 60 * cfg.max_minutes:
-                stopped = "max_minutes"
-                log.info("lora: max_minutes %g reached after %d of %d steps", cfg.max_minutes, step + 1, cfg.steps)
-                break
+    with _seeded(cfg.seed, device):
+        resumed = checkpoint.load(named, master_of, optimizer) if checkpoint is not None else None
+        if resumed is not None:
+            losses, stopped, first = resumed.losses, resumed.stopped, resumed.step
+            start -= resumed.seconds                     # a max_minutes budget counts the time already spent
+            for _ in range(first):                       # the same batches as an uninterrupted run
+                next(batches)
+        bar = tqdm(total=cfg.steps, initial=first, desc="lora retrain" if cfg.method == "lora" else cfg.method, unit="step", disable=not progress)
+        with bar:
+            for step in range(first, cfg.steps if stopped is None else first):
+                loss_sum = _step(model, cfg, ids, next(batches), loss_fn, micro, device, optimizer, masters,
+                                 stepped, step, start)
+                losses.append(loss_sum)
+                bar.update(1)
+                bar.set_postfix(loss=f"{_mean(losses[-LOSS_WINDOW:]):.4f}")
+                if cfg.max_minutes is not None and time.perf_counter() - start >= 60 * cfg.max_minutes:
+                    stopped = "max_minutes"
+                    log.info("lora: max_minutes %g reached after %d of %d steps", cfg.max_minutes, step + 1,
+                             cfg.steps)
+                if checkpoint is not None and (checkpoint.due(step + 1) or stopped or step + 1 == cfg.steps):
+                    checkpoint.save(step + 1, losses, time.perf_counter() - start, stopped, named, master_of,
+                                    optimizer)
+                if stopped:
+                    break
     return losses, stopped
+
+
+def _step(model: nn.Module, cfg: LoRAConfig, ids: torch.Tensor, index: torch.Tensor, loss_fn: LossFn, micro: int,
+          device: torch.device, optimizer: torch.optim.Optimizer, masters: Float32Masters,
+          stepped: list[nn.Parameter], step: int, start: float) -> float:
+    """One optimizer step on the windows ``index`` (batch_size,), split into micro-batches."""
+    elapsed = (time.perf_counter() - start) / (60 * cfg.max_minutes) if cfg.max_minutes else 0.0
+    for group in optimizer.param_groups:
+        group["lr"] = cfg.learning_rate * lr_factor(step, cfg, elapsed)
+    loss_sum = 0.0
+    for chunk in index.split(micro):
+        loss = loss_fn(model, ids[chunk].to(device), chunk) * (chunk.shape[0] / cfg.batch_size)
+        loss.backward()
+        loss_sum += float(loss.detach())
+    if not math.isfinite(loss_sum):
+        raise ConfigError(f"the training loss became {loss_sum} at step {step}; lower learning_rate "
+                          f"(now {cfg.learning_rate:g}) or set max_grad_norm")
+    masters.grads_to_masters()
+    if cfg.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(stepped, cfg.max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    masters.masters_to_params()
+    return loss_sum
 
 
 def _is_checkpointing(model: nn.Module) -> bool:
@@ -338,8 +377,9 @@ def _restore(model: nn.Module, wrapped: dict[str, LoRALinear], saved: list[tuple
 
 
 def lora_retrain(model: nn.Module, cfg: LoRAConfig, calib=None, *, device=None, batch_size: int | None = None,
-                 progress: bool = True) -> RetrainResult:
+                 progress: bool = True, state_path: str | os.PathLike | None = None) -> RetrainResult:
     """The ``apply`` handler of LoRAConfig. ``batch_size`` (the engine's samples per forward chunk)
     is the micro-batch size here: it splits each step's ``cfg.batch_size`` samples, it does not
     change the step."""
-    return retrain(model, cfg, calib, device=device, progress=progress, micro_batch_size=batch_size)
+    return retrain(model, cfg, calib, device=device, progress=progress, micro_batch_size=batch_size,
+                   state_path=state_path)

@@ -27,6 +27,10 @@ from .rtn import QuantResult, rtn_solve
 
 log = logging.getLogger(__name__)
 
+# GPTQ keeps the zeros of a layer with at least this fraction of exact zeros (a pruned layer); a
+# dense model's occasional zero weights are left to the solve.
+MIN_PRUNED_FRACTION = 0.1
+
 
 @dataclasses.dataclass
 class ModuleRecord:
@@ -93,7 +97,9 @@ class IntWeightQuantizer:
             raise ConfigError(f"{names[0]}: scheme 'nvfp4' (W4A4) needs the activations' range from "
                               f"calibration data; pass calib= (CLI: --calib FILE)")
         if stats is not None and stats.tokens > 0 and isinstance(self.cfg, GPTQConfig):
-            result = gptq_solve(stats.hessian, weight, self.cfg, scale_dtype=dtype)
+            keep = weight != 0
+            sparse = self.cfg.keep_sparsity and float((~keep).float().mean()) >= MIN_PRUNED_FRACTION
+            result = gptq_solve(stats.hessian, weight, self.cfg, scale_dtype=dtype, keep=keep if sparse else None)
         else:
             if isinstance(self.cfg, GPTQConfig):
                 log.warning("%s received no calibration input; quantized with round-to-nearest", names[0])

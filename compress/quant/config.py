@@ -86,6 +86,10 @@ class GPTQConfig(IntWeightConfig):
                       fails that layer falls back to round-to-nearest with a warning.
     gptq_block_size:  columns per lazy-update block (a speed knob; rounded up to a multiple of
                       group_size).
+    keep_sparsity:    in a layer whose weight is at least 10% exact zeros (a pruned model), those
+                      weights stay exactly zero: they take the code of 0 and the solve compensates
+                      for them like for any rounding error (a 2:4 model stays 2:4). False: zeros
+                      are weights like any other and the error feedback fills them in.
     """
 
     method = "gptq"
@@ -93,6 +97,7 @@ class GPTQConfig(IntWeightConfig):
     act_order: bool = True
     damp: float = 0.01
     gptq_block_size: int = 128
+    keep_sparsity: bool = True
 
     def validate(self) -> None:
         super().validate()

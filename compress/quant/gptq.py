@@ -62,11 +62,18 @@ def prepare_hessian(hessian: torch.Tensor, weight: torch.Tensor, who: str) -> tu
 
 
 def gptq_solve(hessian: torch.Tensor, weight: torch.Tensor, cfg: GPTQConfig,
-               scale_dtype: torch.dtype, fmt=None) -> QuantResult:
+               scale_dtype: torch.dtype, fmt=None, keep: torch.Tensor | None = None) -> QuantResult:
     """Quantize ``weight`` (rows, cols) given the input Hessian ``hessian`` (cols, cols), on the
-    grid of ``fmt`` (default: the format ``cfg.scheme`` names: integer, NVFP4 or MXFP4)."""
+    grid of ``fmt`` (default: the format ``cfg.scheme`` names: integer, NVFP4 or MXFP4).
+
+    keep: bool (rows, cols), False where the weight must come out exactly zero (a pruned model's
+    mask): those weights take the code of 0 and their error is pushed onto the columns still to
+    come like any rounding error, as SparseGPT does with a fixed mask, so the sparsity survives."""
     fmt = fmt or make_format(cfg, scale_dtype)
     h, w = prepare_hessian(hessian, weight, "GPTQ")
+    if keep is not None:
+        keep = keep.to(device=w.device, dtype=torch.bool)
+        w = w * keep
     rows, cols = w.shape
     diag = h.diagonal().clone()
 
@@ -78,6 +85,7 @@ def gptq_solve(hessian: torch.Tensor, weight: torch.Tensor, cfg: GPTQConfig,
 
     perm = torch.argsort(diag, descending=True) if cfg.act_order else torch.arange(cols, device=w.device)
     w, h = w[:, perm], h[perm][:, perm]
+    keep = keep[:, perm] if keep is not None else None
     group_of = (perm // g).tolist()            # processed column -> its (natural) group
 
     hinv, damp = inverse_hessian_factor(h, cfg.damp)
@@ -99,9 +107,13 @@ def gptq_solve(hessian: torch.Tensor, weight: torch.Tensor, cfg: GPTQConfig,
         for i in range(i2 - i1):
             col = i1 + i
             if not static and col % g == 0:    # dynamic group starts: fit it to the updated weights
-                fmt.fit_group(params, col // g, w1[:, i:i + g], diag[col:col + g])
+                part = w1[:, i:i + g] if keep is None else w1[:, i:i + g] * keep[:, col:col + g]
+                fmt.fit_group(params, col // g, part, diag[col:col + g])
             x = w1[:, i]
             q, xq = fmt.round_column(x, params, group_of[col])
+            if keep is not None:               # pruned weights: the code of 0, whatever the update made them
+                q0, x0 = fmt.round_column(torch.zeros_like(x), params, group_of[col])
+                q, xq = torch.where(keep[:, col], q, q0), torch.where(keep[:, col], xq, x0)
             codes[:, col] = q
             deq[:, col] = xq
             d = hinv1[i, i]

@@ -176,7 +176,7 @@ def test_only_adapters_norms_and_biases_train_and_hold_optimizer_state(monkeypat
     real_adamw = torch.optim.AdamW
     monkeypatch.setattr(torch.optim, "AdamW", lambda *a, **k: optimizers.append(real_adamw(*a, **k)) or optimizers[-1])
 
-    def loss_fn(m, ids):
+    def loss_fn(m, ids, index):
         seen.update((n, p.dtype) for n, p in m.named_parameters() if p.requires_grad)
         lrs.append(optimizers[0].param_groups[0]["lr"])
         return causal_lm_loss(m, ids)
@@ -266,7 +266,7 @@ def test_a_failed_run_leaves_the_model_as_it_was():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     calls = []
 
-    def loss_fn(m, ids):
+    def loss_fn(m, ids, index):
         calls.append(1)
         return causal_lm_loss(m, ids) * (float("nan") if len(calls) > 2 else 1.0)
 

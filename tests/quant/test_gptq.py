@@ -89,3 +89,45 @@ def test_non_finite_hessian_is_refused():
     h[0, 0] = float("inf")
     with pytest.raises(ValueError, match="inf/NaN"):
         gptq_solve(h, w, GPTQConfig(group_size=16), torch.float32)
+
+
+@pytest.mark.parametrize("case", CASES[:5] + CASES[6:], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_a_fixed_mask_keeps_pruned_weights_exactly_zero_and_still_beats_rtn(case):
+    from compress.prune.masks import check_nm, nm_mask
+    w, h = _layer()
+    keep = nm_mask(w.abs() * h.diagonal().sqrt(), 2, 4)                 # a 2:4 model's mask
+    pruned = w * keep
+    cfg = GPTQConfig(**case)
+    result = gptq_solve(h, pruned, cfg, torch.float32, keep=keep)
+    assert torch.equal(result.weight[~keep], torch.zeros(int((~keep).sum())))
+    assert check_nm(result.weight, 2, 4)
+    # The codes of the pruned weights dequantize to zero through the stored scales and zero points.
+    deq = dequantize(result.codes, result.scale, result.zero_point, cfg.group_size, torch.float32)
+    assert torch.equal(deq[~keep], torch.zeros(int((~keep).sum())))
+    rtn_cfg = RTNConfig(**{**{k: v for k, v in case.items() if k != "act_order"}, "observer": cfg.observer})
+    rtn = rtn_solve(pruned, rtn_cfg, torch.float32, h.diagonal())         # RTN keeps zeros by itself
+    # Half the positions are pinned to zero, so less is left to compensate with than in a dense layer.
+    assert weighted_error(pruned, result.weight, h) < 0.97 * weighted_error(pruned, rtn.weight, h)
+    # Negative control: without the mask the error feedback fills pruned positions in (on the coarse
+    # 2- and 3-bit grids, what it puts there may all round back to zero).
+    free = gptq_solve(h, pruned, cfg, torch.float32)
+    assert (free.weight[~keep] != 0).any() or case["bits"] < 4
+
+
+def test_gptq_pass_keeps_a_pruned_models_2of4_unless_told_not_to():
+    import copy
+
+    import compress
+    from compress.data import CalibrationData
+    from compress.modeling import find_decoder_layers
+    from compress.prune.masks import check_nm
+    from conftest import tiny_model
+    model = tiny_model("llama")
+    calib = CalibrationData(torch.randint(0, model.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(1)),
+                            "random", 0)
+    compress.prune(model, compress.WandaConfig(pattern="2:4"), calib, progress=False)
+    for keep, expect in ((True, True), (False, False)):
+        q = copy.deepcopy(model)
+        compress.quantize(q, GPTQConfig(bits=4, group_size=32, keep_sparsity=keep), calib, progress=False)
+        linears = [m for m in find_decoder_layers(q)[1].modules() if hasattr(m, "dequantize")]
+        assert linears and all(check_nm(m.dequantize(torch.float32), 2, 4) for m in linears) is expect
