@@ -30,6 +30,8 @@ from compress.quant.linear import QuantLinear
 
 from conftest import VOCAB, tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # ``compress.distill`` is the entry function; the module that holds the pass is reached by name.
 apply_module = importlib.import_module("compress.distill.apply")
 
@@ -43,13 +45,6 @@ FAST = dict(steps=40, batch_size=8, learning_rate=3e-3, warmup_steps=0)
 SHORT = dict(steps=6, batch_size=4, learning_rate=3e-3, warmup_steps=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from a second OpenMP thread (see tests/prune/test_lora.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _ids(seed: int, samples: int, seqlen: int = 32) -> torch.Tensor:

@@ -13,16 +13,11 @@ from compress.errors import CheckpointError, ConfigError
 
 from conftest import VOCAB, tiny_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from a second OpenMP thread (see tests/prune/test_lora.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _ids(seed: int = 1, samples: int = 6, seqlen: int = 16) -> torch.Tensor:
