@@ -79,6 +79,22 @@ class Measurement:
     weight_bytes: int                  # parameter + buffer bytes of the model as it runs
     backend: str | None = None         # kernel backend of the packed layers; None for a dense model
     cuda_graphs: bool = False          # decode steps were replayed from a CUDA graph
+    # the planner's cost model for the same work on the device profile (compress/plan/cost.py)
+    predicted_prefill_seconds: float | None = None
+    predicted_decode_seconds: float | None = None     # all new_tokens steps
+    # per phase: the dominant kernel family and the split of the predicted seconds into the part
+    # that family's efficiency divides (``a``, at efficiency 1) and the rest (``r``): what
+    # `compress bench --calibrate` fits the family's efficiency with
+    calibration: dict | None = None
+
+    @property
+    def decode_ratio(self) -> float | None:
+        """measured / predicted decode seconds (1.0 = the cost model was exact)."""
+        return None if not self.predicted_decode_seconds else self.decode_seconds / self.predicted_decode_seconds
+
+    @property
+    def prefill_ratio(self) -> float | None:
+        return None if not self.predicted_prefill_seconds else self.prefill_seconds / self.predicted_prefill_seconds
 
 
 @dataclasses.dataclass
@@ -90,6 +106,7 @@ class BenchResult:
     settings: BenchSettings
     models: list[Measurement]          # the checkpoint first, then the baseline if any
     machine: dict = dataclasses.field(default_factory=machine)
+    profile: str | None = None         # the device profile predictions were made with
 
     def speedup(self, metric: str = "decode") -> float | None:
         """tokens/s of the checkpoint over the baseline's for ``metric`` in (prefill, decode)."""
@@ -101,6 +118,8 @@ class BenchResult:
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["speedup_prefill"], out["speedup_decode"] = self.speedup("prefill"), self.speedup("decode")
+        for m, d in zip(self.models, out["models"]):
+            d["decode_ratio"], d["prefill_ratio"] = m.decode_ratio, m.prefill_ratio
         return out
 
     def table(self) -> str:
@@ -120,6 +139,15 @@ def format_table(models: list[Measurement]) -> str:
         dx = "-" if base is None else f"{m.decode_tokens_per_s / base.decode_tokens_per_s:.2f}"
         lines.append(f"{m.name:<{width}}{m.weight_bytes / 2**20:>12.1f}{peak:>10}{m.prefill_tokens_per_s:>15.1f}"
                      f"{m.decode_tokens_per_s:>14.1f}{px:>11}{dx:>10}")
+    if any(m.predicted_decode_seconds for m in models):
+        lines += ["", f"{'predicted (cost model)':<{width}}{'prefill tok/s':>15}{'measured/pred':>15}"
+                      f"{'decode tok/s':>14}{'measured/pred':>15}"]
+        for m in models:
+            if not m.predicted_decode_seconds:
+                continue
+            pp = m.prefill_tokens_per_s * m.prefill_ratio
+            pd = m.decode_tokens_per_s * m.decode_ratio
+            lines.append(f"{m.name:<{width}}{pp:>15.1f}{1 / m.prefill_ratio:>15.2f}{pd:>14.1f}{1 / m.decode_ratio:>15.2f}")
     return "\n".join(lines)
 
 
@@ -370,14 +398,58 @@ def _check_device(device: torch.device, settings: BenchSettings) -> None:
         raise ConfigError(f"cuda_graphs (--cuda-graphs) needs a CUDA device, got {device}; drop --cuda-graphs")
 
 
+def attach_prediction(m: Measurement, model: nn.Module, profile, settings: BenchSettings) -> None:
+    """Fill ``m``'s predicted seconds from the planner's cost model for ``model`` on ``profile``
+    (a DeviceProfile): prefill of batch x prompt_len, and new_tokens decode steps at the mean
+    context they see. Models the cost model does not cover are skipped with a warning."""
+    from .plan.cost import Workload, formats_of, model_shape, predict
+    try:
+        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        shape = model_shape(model, dtype)
+        fm = formats_of(model, shape)
+    except ConfigError as exc:
+        log.warning("no prediction for %s: %s", m.name, exc)
+        return
+    ctx = settings.prompt_len + settings.new_tokens // 2
+    works = {"decode": (Workload(settings.batch_size, ctx), settings.new_tokens),
+             "prefill": (Workload(settings.batch_size, settings.prompt_len), 1)}
+
+    def seconds(prof, phase: str) -> float:
+        work, times = works[phase]
+        pred = predict(shape, fm, prof, work)
+        return (pred.decode_s if phase == "decode" else pred.prefill_s) * times
+
+    m.predicted_decode_seconds = seconds(profile, "decode")
+    m.predicted_prefill_seconds = seconds(profile, "prefill")
+    weight = {}
+    for unit in shape.units:
+        fam = fm[unit.name].family
+        weight[fam] = weight.get(fam, 0) + unit.params
+    family = max(weight, key=weight.get)
+    m.calibration = {}
+    for phase in works:
+        at = {}
+        for eff in (1.0, 0.5):
+            eff_table = {ph: dict(v) for ph, v in profile.efficiency.items()}
+            eff_table[phase][family] = eff
+            at[eff] = seconds(dataclasses.replace(profile, efficiency=eff_table), phase)
+        a = at[0.5] - at[1.0]
+        m.calibration[phase] = {"family": family, "a": a, "r": at[1.0] - a}
+
+
 def benchmark(checkpoint: str | os.PathLike, *, baseline: str | os.PathLike | None = "dequantized",
               backend: str = "auto", device: str | torch.device | None = None, dtype: str = "bfloat16",
-              settings: BenchSettings | None = None) -> BenchResult:
+              settings: BenchSettings | None = None, profile=None) -> BenchResult:
     """Measure a compressed checkpoint (our runtime, kernel ``backend``) and a dense baseline.
 
     ``baseline``: ``"dequantized"`` (the checkpoint with its packed layers dequantized to ``dtype``:
     the original's architecture and speed), a path or hub id of the dense original, or None.
+    ``profile``: a DeviceProfile (or its name) to predict each measurement with the planner's cost
+    model, shown next to it; None: no prediction.
     """
+    if isinstance(profile, str):
+        from .plan.devices import load_profile
+        profile = load_profile(profile)
     settings = settings or BenchSettings()
     check_backend(backend)
     torch_dtype = resolve_dtype(dtype)
@@ -395,11 +467,15 @@ def benchmark(checkpoint: str | os.PathLike, *, baseline: str | os.PathLike | No
         raise ConfigError(f"{checkpoint} has no packed quantized layers, so it has no dequantized baseline; bench "
                           f"a checkpoint written by compress export, or pass --baseline PATH or --no-baseline")
     ours = measure(model, settings, f"compress {label} ({backend})")
+    if profile is not None:
+        attach_prediction(ours, model, profile, settings)
     models = [ours]
     if baseline == "dequantized":
         dequantize_model(model, None if torch_dtype == "auto" else torch_dtype)   # ours is measured: reuse it
         dense_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         models.append(measure(model, settings, f"{dense_dtype} (dequantized)"))
+        if profile is not None:
+            attach_prediction(models[-1], model, profile, settings)
     elif baseline is not None:
         arch = model.config
         del model
@@ -409,5 +485,31 @@ def benchmark(checkpoint: str | os.PathLike, *, baseline: str | os.PathLike | No
         dense, _ = load_model(baseline, dtype=torch_dtype, device=device)
         check_same_architecture(arch, dense.config, str(checkpoint), str(baseline))
         models.append(measure(dense, settings, f"{Path(str(baseline)).name} (baseline)"))
+        if profile is not None:
+            attach_prediction(models[-1], dense, profile, settings)
     return BenchResult(checkpoint=str(checkpoint), device=str(device), dtype=str(dtype),
-                       baseline=None if baseline is None else str(baseline), settings=settings, models=models)
+                       baseline=None if baseline is None else str(baseline), settings=settings, models=models,
+                       profile=None if profile is None else profile.name)
+
+
+def calibrated_profile(profile, result: BenchResult):
+    """``profile`` with the efficiency of each measured model's dominant kernel family (per phase)
+    refitted so that the cost model reproduces the measured seconds: eff = a / (measured - r).
+    The dense baseline fits ``bf16`` first; the checkpoint then fits its own family."""
+    table = {ph: dict(v) for ph, v in profile.efficiency.items()}
+    fitted = []
+    for m in reversed(result.models):                       # the baseline (bf16) first
+        if not m.calibration:
+            continue
+        for phase, measured in (("decode", m.decode_seconds), ("prefill", m.prefill_seconds)):
+            c = m.calibration[phase]
+            if measured <= c["r"] or c["a"] <= 0:
+                log.warning("%s %s: measured %.4g s is below what the rest of the model is predicted to take "
+                            "(%.4g s); %s efficiency left at %.3g", m.name, phase, measured, c["r"], c["family"],
+                            table[phase][c["family"]])
+                continue
+            table[phase][c["family"]] = min(1.0, max(0.005, c["a"] / (measured - c["r"])))
+            fitted.append(f"{phase} {c['family']} {table[phase][c['family']]:.3g}")
+    note = (f"{profile.notes} | " if profile.notes else "") + \
+        f"efficiency fitted by compress bench on {result.checkpoint} ({', '.join(fitted) or 'nothing fitted'})"
+    return dataclasses.replace(profile, efficiency=table, source="calibrated", notes=note)

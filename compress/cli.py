@@ -1,4 +1,4 @@
-"""The ``compress`` command line: quantize, prune, eval, run, inspect, bench.
+"""The ``compress`` command line: quantize, prune, eval, run, inspect, bench, plan, devices.
 
 ``compress quantize`` builds a one-pass recipe from its flags and runs it like ``compress run``,
 so both print the same per-stage table and write the same report.json.
@@ -7,18 +7,21 @@ so both print the same per-stage table and write the same report.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 from pathlib import Path
 
 from . import __version__
-from .bench import BenchSettings, benchmark
+from .bench import BenchSettings, benchmark, calibrated_profile
 from .checkpoint.inspect import format_inspection, inspect_checkpoint
 from .errors import CompressError, ConfigError
 from .evaluation import evaluate
 from .kernels.dequant_linear import BACKENDS
 from .loading import load_model
+from .plan.command import add_plan_parser, run_plan
+from .plan.devices import add_devices_parser, run_devices, save_profile
 from .quant.config import GPTQConfig, RTNConfig
 from .quant.formats import SCHEMES
 from .quant.kv_config import KV_SCHEMES, KVCacheConfig
@@ -99,6 +102,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="ignore the work directory of an interrupted run (OUTPUT.work) and start from the first pass")
 
     _bench_parser(sub)
+    add_plan_parser(sub)
+    add_devices_parser(sub)
 
     i = sub.add_parser("inspect", help="what a checkpoint holds: format, bits, groups, size")
     i.add_argument("path")
@@ -238,6 +243,12 @@ def _bench_parser(sub) -> None:
     b.add_argument("--seed", type=int, default=d.seed, help="seed of the random prompt token ids")
     b.add_argument("--cuda-graphs", action="store_true",
                    help="replay decode steps from a CUDA graph (both models; falls back to eager on failure)")
+    b.add_argument("--profile", default="auto",
+                   help="device profile whose cost-model prediction is shown next to the measurement "
+                        "(auto: the one matching this machine; none: no prediction)")
+    b.add_argument("--calibrate", nargs="?", const="", metavar="NAME",
+                   help="refit the profile's kernel efficiencies to these measurements and save it "
+                        "(as NAME, default the profile's name) in the user profile folder")
     b.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -329,8 +340,19 @@ def _bench(args) -> int:
     settings = BenchSettings(prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch_size=args.batch_size,
                              warmup=args.warmup, repeats=args.repeats, cuda_graphs=args.cuda_graphs, seed=args.seed)
     baseline = None if args.no_baseline else (args.baseline or "dequantized")
+    profile = _bench_profile(args)
     result = benchmark(args.checkpoint, baseline=baseline, backend=args.backend, device=args.device,
-                       dtype=args.dtype, settings=settings)
+                       dtype=args.dtype, settings=settings, profile=profile)
+    if args.calibrate is not None:
+        if profile is None:
+            raise ConfigError("--calibrate needs a device profile to refit; drop --profile none")
+        fitted = calibrated_profile(profile, result)
+        if args.calibrate:
+            fitted = dataclasses.replace(fitted, name=args.calibrate)
+        path = save_profile(fitted)
+        log.info("calibrated profile %s saved to %s", fitted.name, path)
+        if not args.json:
+            print(f"calibrated profile {fitted.name!r} saved to {path}: {fitted.notes}")
     if args.json:
         print(json.dumps(result.to_dict()))
         return 0
@@ -342,7 +364,22 @@ def _bench(args) -> int:
     return 0
 
 
-_COMMANDS = {"quantize": _quantize, "prune": _prune, "eval": _eval, "run": _run, "inspect": _inspect, "bench": _bench}
+def _bench_profile(args):
+    """The profile `compress bench` predicts with: named, matched to this machine, or none."""
+    from .plan.devices import load_profile, match_local_profile
+    if args.profile == "none":
+        return None
+    if args.profile != "auto":
+        return load_profile(args.profile)
+    try:
+        return match_local_profile(args.device)
+    except ConfigError as exc:
+        log.warning("no prediction: %s", exc)
+        return None
+
+
+_COMMANDS = {"quantize": _quantize, "prune": _prune, "eval": _eval, "run": _run, "inspect": _inspect, "bench": _bench,
+             "plan": run_plan, "devices": run_devices}
 
 
 if __name__ == "__main__":

@@ -98,7 +98,8 @@ def build_dataclass(cls: type, data: dict[str, Any], where: str) -> Any:
 
 def check_type(value: Any, hint: Any, where: str) -> Any:
     """Check ``value`` against a simple type hint (int, float, bool, str, X | None, list[str],
-    Literal[...]); return it (ints are accepted for floats, lists for tuples)."""
+    dict[str, X], Literal[...]); return it (ints are accepted for floats, lists for tuples; a
+    mapping keeps its order)."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
@@ -121,8 +122,16 @@ def check_type(value: Any, hint: Any, where: str) -> Any:
         inner = args[0] if args else Any
         items = [check_type(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        key_hint, value_hint = args if args else (Any, Any)
+        return {check_type(k, key_hint, f"{where} key {k!r}"): check_type(v, value_hint, f"{where}[{k!r}]")
+                for k, v in value.items()}
     if hint is Any:
         return value
+    if hint is dict and not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a mapping, got {value!r}")
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where} must be true or false, got {value!r}")

@@ -98,6 +98,9 @@ class Recipe:
     passes: list[MethodConfig] = dataclasses.field(default_factory=list)
     evaluation: EvaluationSection | None = None
     export: ExportSection | None = None
+    # what `compress plan` predicted for this recipe (device, targets, memory, speed, quality);
+    # informational: copied into report.json, compared with the export's real size
+    plan: dict[str, Any] | None = None
     base_dir: Path = dataclasses.field(default=Path("."), compare=False, init=False)
 
     def __post_init__(self):
@@ -124,6 +127,8 @@ class Recipe:
             if section is not None:
                 out[key] = dataclasses.asdict(section)
         out["passes"] = [p.to_dict() for p in self.passes]
+        if self.plan is not None:
+            out["plan"] = self.plan
         return out
 
 
@@ -165,7 +170,9 @@ def _needs_data(cfg: MethodConfig) -> bool:
         return getattr(cfg, "scheme", "") == "fp8"
     if cfg.method == "structured":
         return getattr(cfg, "importance", "activation") == "activation"
-    return cfg.method not in ("rtn", "magnitude") or getattr(cfg, "scheme", "int") == "nvfp4"
+    if cfg.method == "rtn":      # W4A4 anywhere in the pass (its own scheme or a per-layer override)
+        return any(c.scheme == "nvfp4" for c in cfg.resolved_configs())
+    return cfg.method != "magnitude"
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -265,6 +272,13 @@ def _export(model, tok, out_dir: Path, recipe: Recipe, overwrite: bool | None, p
                               bits=last.bits, bits_per_weight=last.bits_per_weight,
                               detail={"path": str(path), "layout": layout}))
     echo(f"[export] {path} ({row.disk_bytes / 2**20:.1f} MiB)")
+    planned = ((recipe.plan or {}).get("prediction") or {}).get("checkpoint_bytes")
+    if planned:
+        row.detail["planned_bytes"] = planned
+        budget = ((recipe.plan or {}).get("target") or {}).get("memory_bytes")
+        echo(f"[export] planned {planned:,} bytes, written {row.disk_bytes:,}"
+             + (f"; budget {budget:,}: {'met' if row.disk_bytes <= budget else 'EXCEEDED'}"
+                if budget and not (recipe.plan.get("target") or {}).get("context") else ""))
     if recipe.export and recipe.export.verify:
         start = time.perf_counter()
         reloaded, tok2 = load_model(path, backend=recipe.backend)

@@ -118,14 +118,15 @@ class Report:
 
     def table(self) -> str:
         w = max([22] + [len(r.name) + 2 for r in self.rows])
+        bw = max([16] + [len(r.bits or "") + 2 for r in self.rows])      # a per-layer mix lists every format
         head = f"{'stage':<{w}}{'perplexity':>11}{'size MiB':>10}{'params':>10}{'sparsity':>10}" \
-               f"{'bits':>16}{'bits/w':>8}{'seconds':>9}"
+               f"{'bits':>{bw}}{'bits/w':>8}{'seconds':>9}"
         lines = [head, "-" * len(head)]
         for r in self.rows:
             lines.append(
                 f"{r.name:<{w}}{_fmt(r.perplexity, '.3f'):>11}{_fmt(_size(r) and _size(r) / 2**20, '.1f'):>10}"
                 f"{_fmt(r.parameters and r.parameters / 1e6, '.1f', 'M'):>10}"
-                f"{_fmt(r.sparsity and 100 * r.sparsity, '.2f', '%'):>10}{r.bits or '-':>16}"
+                f"{_fmt(r.sparsity and 100 * r.sparsity, '.2f', '%'):>10}{r.bits or '-':>{bw}}"
                 f"{_fmt(r.bits_per_weight, '.2f'):>8}{r.seconds:>9.1f}")
         return "\n".join(lines)
 

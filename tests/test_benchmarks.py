@@ -81,3 +81,22 @@ def test_pruning_benchmark_tiny(tmp_path, tokenizer, text_file, capsys):
     assert retrained["retrain"]["steps"] == 2 and retrained["retrain"]["max_mask_deviation"] == 0.0
     assert rows["mlp25-weight"]["stages"][0]["parameters"] < rows["float"]["stages"][0]["parameters"]
     assert "gap closed" in capsys.readouterr().out
+
+
+def test_plan_latency_benchmark_tiny_on_cpu(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("COMPRESS_HOME", str(tmp_path / "home"))
+    bench = _script("plan_latency")
+    out = tmp_path / "latency.json"
+    assert bench.main(["--tiny", "--device", "cpu", "--profile", "cpu", "--formats", "bf16", "int4-g128",
+                       "--repeats", "1", "--warmup", "0", "--calibrate", "cpu-tiny", "--json-out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = {r["format"]: r for r in data["rows"]}
+    assert set(rows) == {"bf16", "int4-g128"}
+    for r in rows.values():
+        assert r["predicted_decode_seconds"] > 0 and r["measured_decode_seconds"] > 0
+        assert r["decode_error"] == r["measured_decode_seconds"] / r["predicted_decode_seconds"] - 1
+    assert rows["int4-g128"]["weight_bytes"] < 0.6 * rows["bf16"]["weight_bytes"]
+    assert data["calibrated_profile"]["source"] == "calibrated"
+    assert (tmp_path / "home" / "devices" / "cpu-tiny.yaml").is_file()
+    assert "within 15%" in capsys.readouterr().out
+    assert bench.main(["--tiny", "--device", "cpu", "--formats", "int5"]) == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 from safetensors import safe_open
@@ -69,12 +70,23 @@ def inspect_checkpoint(path: str | Path) -> dict:
             "actorder": w.get("actorder"), "observer": w.get("observer"),
             "activations": f"{a.get('type')}{a.get('num_bits')} dynamic={a.get('dynamic')}" if a else None})
     shapes = _weight_shapes(files, tensors)
+    for s in info["schemes"]:
+        s.update(modules=0, parameters=0, bytes=0, module_names=[])
     for module in packed:
         out_features, in_features = shapes[module]
         quant_params += out_features * in_features
         scheme = _scheme_for(module, info["schemes"])
         if scheme.get("group_size") and in_features % scheme["group_size"]:
             partial += 1
+        if scheme:                     # per-format totals: what a mixed-precision checkpoint holds
+            scheme["modules"] += 1
+            scheme["parameters"] += out_features * in_features
+            scheme["bytes"] += _packed_bytes(module, tensors)
+            scheme["module_names"].append(module)
+    for s in info["schemes"]:
+        s["bits_per_weight"] = 8 * s.pop("bytes") / s["parameters"] if s["parameters"] else None
+        if len(info["schemes"]) == 1:
+            del s["module_names"]      # all of them: quantized_modules says how many
     sparse_params = sparse_bytes = 0
     for module in sparse:
         out_features, in_features = shapes.get(module, (0, 0))
@@ -93,10 +105,14 @@ def inspect_checkpoint(path: str | Path) -> dict:
     info["parameters"] = params + quant_params
     info["quantized_parameters"] = quant_params
     info["bits_per_quantized_weight"] = (
-        8 * sum(math.prod(tensors[f"{m}.{s}"]["shape"]) * _width(tensors[f"{m}.{s}"]["dtype"])
-                for m in packed for s in ("weight_packed", "weight_scale", "weight_zero_point")
-                if f"{m}.{s}" in tensors) / quant_params if quant_params else None)
+        8 * sum(_packed_bytes(m, tensors) for m in packed) / quant_params if quant_params else None)
     return info
+
+
+def _packed_bytes(module: str, tensors: dict[str, dict]) -> int:
+    """Bytes of a packed module's codes, scales and zero points."""
+    return sum(math.prod(tensors[f"{module}.{s}"]["shape"]) * _width(tensors[f"{module}.{s}"]["dtype"])
+               for s in ("weight_packed", "weight_scale", "weight_zero_point") if f"{module}.{s}" in tensors)
 
 
 def _weight_shapes(files, tensors: dict[str, dict]) -> dict[str, tuple[int, int]]:
@@ -116,10 +132,43 @@ def _weight_shapes(files, tensors: dict[str, dict]) -> dict[str, tuple[int, int]
 
 
 def _scheme_for(module: str, schemes: list[dict]) -> dict:
+    """The config group whose targets name ``module`` (exactly or by ``re:``), else the one
+    targeting the class."""
     for s in schemes:
-        if module in (s["targets"] or []):
-            return s
+        for t in s["targets"] or []:
+            if t == module or (t.startswith("re:") and re.match(t[3:], module)):
+                return s
     return next((s for s in schemes if "Linear" in (s["targets"] or [])), {})
+
+
+def describe_modules(names: list[str]) -> list[str]:
+    """Module names folded by layer index, for reading: ["model.layers.0.mlp.down_proj",
+    "model.layers.1.mlp.down_proj", "lm_head"] -> ["mlp.down_proj: layers 0-1", "lm_head"].
+    Leaves with the same set of layers share a line."""
+    layers: dict[str, set[int]] = {}
+    others = []
+    for name in names:
+        m = re.match(r"(?:.*\.)?(?:layers|h|blocks)\.(\d+)\.(.+)$", name)
+        if m:
+            layers.setdefault(m.group(2), set()).add(int(m.group(1)))
+        else:
+            others.append(name)
+    by_set: dict[tuple[int, ...], list[str]] = {}
+    for leaf, idx in layers.items():
+        by_set.setdefault(tuple(sorted(idx)), []).append(leaf)
+    lines = [f"{', '.join(sorted(leaves))}: layer{'s' if len(idx) > 1 else ''} {_ranges(idx)}"
+             for idx, leaves in sorted(by_set.items())]
+    return lines + sorted(others)
+
+
+def _ranges(idx: tuple[int, ...]) -> str:
+    """(0, 1, 2, 5, 7, 8) -> "0-2, 5, 7-8"."""
+    out, start = [], idx[0]
+    for prev, cur in zip(idx, idx[1:] + (None,)):
+        if cur != prev + 1:
+            out.append(str(start) if start == prev else f"{start}-{prev}")
+            start = cur
+    return ", ".join(out)
 
 
 def _width(dtype: str) -> int:
@@ -134,16 +183,25 @@ def format_inspection(info: dict) -> str:
              f" in {len(info['files'])} file(s), {info['tensors']} tensors",
              f"  parameters {info['parameters']:,} ({info['quantized_parameters']:,} quantized in "
              f"{info['quantized_modules']} modules)"]
+    mixed = len(info["schemes"]) > 1
     for s in info["schemes"]:
         if s["type"] == "float":
             acts = f", activations {s['activations']} (W4A4)" if s["activations"] else ", 16-bit activations"
-            lines.append(f"  scheme     {s['format']}: float4 e2m1, block {s['group_size']}, "
-                         f"{(s['scale_dtype'] or '').removeprefix('torch.')} scales{acts}, targets={s['targets']}")
+            what = (f"{s['format']}: float4 e2m1, block {s['group_size']}, "
+                    f"{(s['scale_dtype'] or '').removeprefix('torch.')} scales{acts}")
+        else:
+            group = "per channel" if s["strategy"] == "channel" else f"group {s['group_size']}"
+            kind = "symmetric" if s["symmetric"] else "asymmetric"
+            what = f"{s['type']}{s['bits']} {group} {kind}, actorder={s['actorder']}, observer={s['observer']}"
+        if not mixed:
+            lines.append(f"  scheme     {what}, targets={s['targets']}")
             continue
-        group = "per channel" if s["strategy"] == "channel" else f"group {s['group_size']}"
-        kind = "symmetric" if s["symmetric"] else "asymmetric"
-        lines.append(f"  scheme     {s['type']}{s['bits']} {group} {kind}, actorder={s['actorder']}, "
-                     f"observer={s['observer']}, targets={s['targets']}")
+        # Several formats: how much of the model each holds, and where (folded by layer).
+        share = s["parameters"] / info["quantized_parameters"] if info["quantized_parameters"] else 0
+        bits = f", {s['bits_per_weight']:.2f} bits/weight" if s["bits_per_weight"] else ""
+        lines.append(f"  scheme     {what}: {s['modules']} module{'' if s['modules'] == 1 else 's'}, "
+                     f"{share:.1%} of quantized weights{bits}")
+        lines += [f"               {line}" for line in describe_modules(s["module_names"])]
     if info["bits_per_quantized_weight"]:
         lines.append(f"  bits       {info['bits_per_quantized_weight']:.3f} per quantized weight (codes + scales"
                      f" + zero points)")
@@ -157,7 +215,7 @@ def format_inspection(info: dict) -> str:
         lines.append(f"  low-rank adapter: {ad['modules']} modules, rank {ad['rank']}, alpha {ad['alpha']:g}, "
                      f"{ad['bytes'] / 2**20:.2f} MiB ({ad['parameters']:,} parameters; PEFT LoRA in {ad['path']}/)")
     if info["ignore"]:
-        lines.append(f"  dense      {', '.join(info['ignore'])}")
+        lines.append(f"  dense      {'; '.join(describe_modules(info['ignore']))}")
     kv = info.get("kv_cache")
     if kv:
         from ..quant.kv_config import KVCacheConfig

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+import typing
+from typing import Any, Literal
 
-from ..configs import MethodConfig, register_method
+from ..configs import MethodConfig, check_type, register_method
 from ..errors import ConfigError
+from ..modeling import name_matches
 from .formats import SCHEMES
+
+# What an override may set: the weight format of the modules it matches. Everything else (ignore,
+# act_order, damp, ...) belongs to the whole pass.
+OVERRIDE_KEYS = ("bits", "group_size", "symmetric", "observer", "scheme", "partial_groups")
 
 
 @dataclasses.dataclass
@@ -39,6 +45,13 @@ class IntWeightConfig(MethodConfig):
                     scale from calibration: W4A4; needs calibration data even with rtn), or
                     "mxfp4" (E2M1 weights, an E8M0 power-of-two scale per 32 inputs).
                     With observer "mse" the FP4 block scales are searched too.
+    overrides:      per-module formats: {pattern: {field: value}}, patterns as in ``ignore``, fields
+                    among bits, group_size, symmetric, observer, scheme, partial_groups. The first
+                    pattern (in mapping order) that matches a module gives its format: this config
+                    with those fields replaced (``for_module``). ``ignore`` wins over overrides. An
+                    override to a 4-bit float scheme implies bits 4 and symmetric unless it says
+                    otherwise. Example: {"model.layers.0.mlp.down_proj": {"bits": 8,
+                    "group_size": None}, "re:self_attn\\.(q|k|v)_proj": {"scheme": "nvfp4a16"}}.
     """
 
     bits: int = 4
@@ -48,6 +61,7 @@ class IntWeightConfig(MethodConfig):
     partial_groups: bool = False
     ignore: list[str] = dataclasses.field(default_factory=lambda: ["lm_head"])
     scheme: Literal["int", "nvfp4a16", "nvfp4", "mxfp4"] = "int"
+    overrides: dict[str, dict] = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:
         if self.scheme not in SCHEMES:
@@ -62,6 +76,46 @@ class IntWeightConfig(MethodConfig):
         if self.group_size is not None and self.group_size <= 0:
             raise ConfigError(f"group_size must be a positive integer or null (per channel), "
                               f"got {self.group_size}")
+        if not isinstance(self.overrides, dict):
+            raise ConfigError(f"overrides must be a mapping {{pattern: {{field: value}}}}, got {self.overrides!r}")
+        for pattern, override in self.overrides.items():
+            self._resolve(pattern, override)            # every override must give a valid config
+
+    def override_for(self, name: str) -> str | None:
+        """The pattern of the first override matching module ``name``, or None."""
+        return next((p for p in self.overrides if name_matches(name, [p])), None)
+
+    def for_module(self, name: str) -> IntWeightConfig:
+        """The config module ``name`` is quantized with: the first matching override applied to this
+        config (its ``overrides`` emptied), or this config itself when none matches."""
+        pattern = self.override_for(name)
+        return self if pattern is None else self._resolve(pattern, self.overrides[pattern])
+
+    def resolved_configs(self) -> list[IntWeightConfig]:
+        """This config and every override's resolved config (e.g. to ask whether any needs data)."""
+        return [self] + [self._resolve(p, o) for p, o in self.overrides.items()]
+
+    def _resolve(self, pattern: Any, override: Any) -> IntWeightConfig:
+        where = f"overrides[{pattern!r}]"
+        if not isinstance(pattern, str) or not pattern:
+            raise ConfigError(f"{where}: a pattern is a non-empty module-name glob or 're:<regex>'")
+        if not isinstance(override, dict):
+            raise ConfigError(f"{where} must be a mapping of format fields ({', '.join(OVERRIDE_KEYS)}), "
+                              f"got {override!r}")
+        for key in override:
+            if key not in OVERRIDE_KEYS:
+                raise ConfigError(f"{where}: {key!r} cannot be set per module; an override sets only "
+                                  f"{', '.join(OVERRIDE_KEYS)} ({key!r} applies to the whole pass)")
+        hints = typing.get_type_hints(type(self))
+        values = {k: check_type(v, hints[k], f"{where}: field {k!r}") for k, v in override.items()}
+        if values.get("scheme", "int") != "int":
+            # The 4-bit float formats fix these; do not make every override repeat them.
+            values.setdefault("bits", 4)
+            values.setdefault("symmetric", True)
+        try:
+            return dataclasses.replace(self, **values, overrides={})
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
 
 
 @register_method

@@ -1,0 +1,467 @@
+"""The cost model: bytes, FLOPs, memory and latency of a model whose linears each have a format.
+
+- ``WeightFormat``: one candidate weight format ("bf16", "int8", "int4-g64", "int3-g64-asym",
+  "nvfp4a16", ...). The bytes it stores for a (out, in) linear are read off the packed module
+  itself, built on the meta device, so they are the checkpoint's bytes by construction.
+- ``ModelShape``: what the cost model needs from a model: its decision units (the linears that
+  read one input: q/k/v, gate/up; o_proj and down_proj alone), every other stored tensor, and the
+  attention dimensions. Built from a loaded model or from a config alone (meta device), so an
+  8B-parameter model is costed without its weights.
+- ``checkpoint_bytes``: the exact size of the safetensors file(s) the export writes.
+- ``predict``: memory and prefill / decode latency on a ``DeviceProfile`` for a batch and context.
+  Each kernel's time is the roofline, max(bytes / bandwidth, FLOPs / throughput), divided by the
+  profile's efficiency for that kernel family and phase, plus a launch overhead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..modeling import find_decoder_layers, fused_groups, tied_parameter_names
+from ..quant.kv_config import KVCacheConfig, dense_bytes_per_token
+
+if TYPE_CHECKING:
+    from .devices import DeviceProfile
+
+# Kernel launches per decoder layer besides its linears and attention (norms, rotary, residual adds,
+# activation, cache update): each costs the profile's launch overhead in decode.
+OTHER_KERNELS_PER_LAYER = 8
+
+_FORMAT_RE = re.compile(r"^int(?P<bits>[2-8])(?:-g(?P<g>\d+))?(?P<asym>-asym)?$")
+FP_FORMATS = ("bf16", "nvfp4a16", "nvfp4", "mxfp4")
+
+# The order of safetensors' dtype enum: a file lays its tensors out by dtype, last in this list
+# first, then by name (the offsets, and so the header's length, depend on it).
+_ST_ORDER = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16",
+             "BF16", "I32", "U32", "F32", "F64", "I64", "U64")
+# safetensors dtype names and element sizes (the header spells dtypes this way).
+_ST_DTYPES = {torch.float32: ("F32", 4), torch.bfloat16: ("BF16", 2), torch.float16: ("F16", 2),
+              torch.int32: ("I32", 4), torch.int64: ("I64", 8), torch.uint8: ("U8", 1), torch.int8: ("I8", 1),
+              torch.float8_e4m3fn: ("F8_E4M3", 1), torch.bool: ("BOOL", 1)}
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightFormat:
+    """One weight format a planner may give a linear. ``name`` is its spelling everywhere:
+    ``bf16`` (dense, the model dtype), ``intB[-gG][-asym]`` (B bits, group G or per channel,
+    symmetric unless -asym), ``nvfp4a16``, ``nvfp4`` (W4A4), ``mxfp4``."""
+
+    name: str
+    scheme: str                        # dense | int | nvfp4a16 | nvfp4 | mxfp4
+    bits: int
+    group_size: int | None = None
+    symmetric: bool = True
+
+    @property
+    def family(self) -> str:
+        """Kernel family for the efficiency table: bf16, int or fp4."""
+        return {"dense": "bf16", "int": "int"}.get(self.scheme, "fp4")
+
+    @property
+    def dense(self) -> bool:
+        return self.scheme == "dense"
+
+    def fits(self, in_features: int) -> bool:
+        """Whether a linear with ``in_features`` inputs can take this format without partial groups."""
+        if self.scheme == "int":
+            return self.group_size is None or in_features % self.group_size == 0
+        if self.scheme in ("nvfp4a16", "nvfp4"):
+            return in_features % 16 == 0
+        if self.scheme == "mxfp4":
+            return in_features % 32 == 0
+        return True
+
+    def module(self, out_features: int, in_features: int, dtype: torch.dtype, bias: bool = False) -> nn.Module:
+        """The packed module this format stores, on the meta device (no memory)."""
+        from ..quant.fp4_linear import FP4Linear
+        from ..quant.linear import QuantLinear
+        if self.scheme == "dense":
+            return nn.Linear(in_features, out_features, bias=bias, dtype=dtype, device="meta")
+        if self.scheme == "int":
+            return QuantLinear(in_features, out_features, bits=self.bits, group_size=self.group_size,
+                               symmetric=self.symmetric, bias=bias, dtype=dtype, device="meta")
+        return FP4Linear(in_features, out_features, scheme=self.scheme, bias=bias, dtype=dtype, device="meta")
+
+    def tensors(self, out_features: int, in_features: int, dtype: torch.dtype,
+                bias: bool = False) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """Stored tensors of one linear in this format: {suffix: (dtype, shape)}."""
+        m = self.module(out_features, in_features, dtype, bias)
+        return {k: (t.dtype, tuple(t.shape)) for k, t in m.state_dict().items()}
+
+    def bytes(self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16,
+              bias: bool = False) -> int:
+        return sum(math.prod(s) * _ST_DTYPES[d][1] for d, s in self.tensors(out_features, in_features, dtype,
+                                                                             bias).values())
+
+    def bits_per_weight(self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16) -> float:
+        return 8 * self.bytes(out_features, in_features, dtype) / (out_features * in_features)
+
+    def override(self) -> dict[str, Any]:
+        """The fields a GPTQ/RTN pass override takes for this format."""
+        if self.scheme == "int":
+            return {"scheme": "int", "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+        return {"scheme": self.scheme}
+
+
+def parse_format(name: str) -> WeightFormat:
+    """``bf16``, ``int8`` (per channel), ``int4-g64``, ``int3-g64-asym``, ``nvfp4a16``, ``nvfp4``, ``mxfp4``."""
+    text = str(name).strip().lower()
+    if text in ("bf16", "dense", "fp16", "float"):
+        return WeightFormat("bf16", "dense", 16)
+    if text in ("nvfp4a16", "nvfp4", "mxfp4"):
+        return WeightFormat(text, text, 4, 16 if text.startswith("nv") else 32)
+    m = _FORMAT_RE.match(text)
+    if m is None:
+        raise ConfigError(f"unknown weight format {name!r}: use bf16, int8, int4-g64, int3-g64-asym (bits 2-8, "
+                          f"-gN group size or per channel, -asym for a zero point), nvfp4a16, nvfp4 or mxfp4")
+    group = int(m["g"]) if m["g"] else None
+    if group is not None and group <= 0:
+        raise ConfigError(f"weight format {name!r}: group size must be positive, e.g. int4-g64")
+    return WeightFormat(text, "int", int(m["bits"]), group, m["asym"] is None)
+
+
+def format_of_config(cfg) -> WeightFormat:
+    """The WeightFormat of a resolved IntWeightConfig (RTN/GPTQ), or of a packed module."""
+    scheme = getattr(cfg, "scheme", "int")
+    if scheme != "int":
+        return parse_format(scheme)
+    g = f"-g{cfg.group_size}" if cfg.group_size else ""
+    return parse_format(f"int{cfg.bits}{g}{'' if cfg.symmetric else '-asym'}")
+
+
+@dataclasses.dataclass
+class Unit:
+    """Linears that read one input and take one format (vLLM fuses q/k/v and gate/up, so their
+    shards must share a scheme): ``members`` are (full name, out_features, in_features, bias)."""
+
+    name: str
+    layer: int
+    members: list[tuple[str, int, int, bool]]
+
+    @property
+    def in_features(self) -> int:
+        return self.members[0][2]
+
+    @property
+    def params(self) -> int:
+        return sum(o * i for _, o, i, _ in self.members)
+
+    def bytes(self, fmt: WeightFormat, dtype: torch.dtype) -> int:
+        return sum(fmt.bytes(o, i, dtype, b) for _, o, i, b in self.members)
+
+
+@dataclasses.dataclass
+class ModelShape:
+    """The shapes the cost model reads. ``other`` holds every stored tensor that is not a unit's
+    linear weight (embeddings, norms, an untied lm_head), as {name: (dtype, shape)}."""
+
+    units: list[Unit]
+    other: dict[str, tuple[torch.dtype, tuple[int, ...]]]
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    dtype: torch.dtype
+    lm_head_params: int                # the output projection's weights (tied or not), read every step
+    layers_name: str = "model.layers"  # the decoder layers' ModuleList (unit members are named under it)
+
+    @property
+    def params(self) -> int:
+        return sum(u.params for u in self.units) + sum(math.prod(s) for _, s in self.other.values())
+
+
+def model_shape(model: nn.Module, dtype: torch.dtype = torch.bfloat16, ignore: tuple[str, ...] = ("lm_head",)
+                ) -> ModelShape:
+    """The ModelShape of ``model`` (real or meta weights) stored in ``dtype``: every nn.Linear inside
+    the decoder layers becomes part of a unit; tied weights count once."""
+    from ..modeling import name_matches
+    from ..quant.packed import PackedLinear
+    layers_name, layers = find_decoder_layers(model)
+    tied = tied_parameter_names(model)
+    units: list[Unit] = []
+    member_names: set[str] = set()
+    for i, layer in enumerate(layers):
+        prefix = f"{layers_name}.{i}."
+        names = [n for n, m in layer.named_modules() if isinstance(m, (nn.Linear, PackedLinear))
+                 and not name_matches(prefix + n, ignore) and prefix + n not in tied]
+        for group in fused_groups(names):
+            members = []
+            for n in group:
+                lin = layer.get_submodule(n)
+                members.append((prefix + n, lin.out_features, lin.in_features, lin.bias is not None))
+                member_names.add(prefix + n)
+            units.append(Unit(_unit_name(prefix, group), i, members))
+    other = {}
+    seen: set[tuple] = set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if name.rpartition(".")[0] in member_names:
+            continue                                  # a unit's own tensors: costed by its format
+        key = (id(t),)
+        if key in seen:
+            continue                                  # tied: stored once
+        seen.add(key)
+        tdtype = dtype if t.is_floating_point() else t.dtype
+        other[name] = (tdtype, tuple(t.shape))
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    lm = model.get_output_embeddings()
+    return ModelShape(units, other, len(layers), cfg.hidden_size, heads,
+                      getattr(cfg, "num_key_value_heads", None) or heads, head_dim, cfg.vocab_size, dtype,
+                      lm.weight.numel() if lm is not None else cfg.vocab_size * cfg.hidden_size, layers_name)
+
+
+def formats_of(model: nn.Module, shape: ModelShape) -> dict[str, WeightFormat]:
+    """The format each unit of a loaded (e.g. compressed) model has now: dense ``nn.Linear`` is
+    bf16, ``QuantLinear`` its integer grid, ``FP4Linear`` its scheme. A unit is costed by its
+    first member. Layers the cost model does not know (the compact 2:4 layout) are an error."""
+    from ..quant.fp4_linear import FP4Linear
+    from ..quant.linear import QuantLinear
+    out = {}
+    for unit in shape.units:
+        m = model.get_submodule(unit.members[0][0])
+        if getattr(m, "sparse_layout", False):
+            raise ConfigError(f"{unit.members[0][0]} is stored in the compact 2:4 layout, which the cost model "
+                              f"does not cover yet")
+        if isinstance(m, QuantLinear):
+            g = f"-g{m.group_size}" if m.group_size else ""
+            out[unit.name] = parse_format(f"int{m.bits}{g}{'' if m.symmetric else '-asym'}")
+        elif isinstance(m, FP4Linear):
+            out[unit.name] = parse_format(m.scheme)
+        elif isinstance(m, nn.Linear):
+            out[unit.name] = parse_format("bf16")
+        else:
+            raise ConfigError(f"{unit.members[0][0]} is a {type(m).__name__}, which the cost model does not cover")
+    return out
+
+
+def shape_from_config(config, dtype: torch.dtype = torch.bfloat16) -> ModelShape:
+    """A ModelShape from a transformers config alone: the model is built on the meta device."""
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return model_shape(model, dtype)
+
+
+def _unit_name(prefix: str, group: list[str]) -> str:
+    if len(group) == 1:
+        return prefix + group[0]
+    parent = group[0].rpartition(".")[0]
+    leaves = "+".join(n.rpartition(".")[2].removesuffix("_proj") for n in group)
+    return f"{prefix}{parent}.{leaves}"
+
+
+# --- checkpoint bytes ---------------------------------------------------------------------------
+
+def safetensors_file_bytes(tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                           metadata: dict[str, str] | None = None) -> int:
+    """Size of the .safetensors file holding ``tensors``: 8-byte header length, the JSON header
+    (padded with spaces to a multiple of 8) and the data, laid out as the safetensors library does
+    (by dtype, then by name)."""
+    order = sorted(tensors, key=lambda k: (-_ST_ORDER.index(_ST_DTYPES[tensors[k][0]][0]), k))
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    offset = 0
+    for k in order:
+        d, s = tensors[k]
+        n = math.prod(s) * _ST_DTYPES[d][1]
+        header[k] = {"dtype": _ST_DTYPES[d][0], "shape": list(s), "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header, separators=(",", ":"))
+    length = len(text.encode()) + (-len(text.encode())) % 8
+    return 8 + length + offset
+
+
+def plan_tensors(shape: ModelShape, formats: dict[str, WeightFormat]) -> dict[str, tuple[torch.dtype, tuple]]:
+    """Every tensor the export of ``shape`` with ``formats`` (unit name -> format) stores."""
+    out = dict(shape.other)
+    for unit in shape.units:
+        fmt = formats[unit.name]
+        for name, o, i, b in unit.members:
+            for suffix, spec in fmt.tensors(o, i, shape.dtype, b).items():
+                out[f"{name}.{suffix}"] = spec
+    return out
+
+
+def checkpoint_bytes(shape: ModelShape, formats: dict[str, WeightFormat], metadata: dict[str, str] | None = None
+                     ) -> int:
+    """Bytes of the weight file our export writes for this plan (one file; exports above the
+    shard size add an index and a header per shard, a few KiB)."""
+    from .. import __version__
+    meta = {"format": "pt", "compress_version": __version__, **(metadata or {})}
+    return safetensors_file_bytes(plan_tensors(shape, formats), meta)
+
+
+# --- latency and memory -------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """batch sequences of ``context`` tokens: prefill processes ``context`` tokens per sequence;
+    a decode step reads a KV cache of ``context`` tokens per sequence."""
+
+    batch: int = 1
+    context: int = 2048
+
+    def __post_init__(self):
+        if self.batch < 1 or self.context < 1:
+            raise ConfigError(f"batch and context must be >= 1, got batch={self.batch}, context={self.context}")
+
+
+def kv_bytes_per_token_layer(shape: ModelShape, kv: KVCacheConfig | None) -> float:
+    """Bytes one token's keys and values take in one layer (scales included)."""
+    if kv is None:
+        return float(dense_bytes_per_token(shape.kv_heads, shape.head_dim, _ST_DTYPES[shape.dtype][1]))
+    return kv.bytes_per_token(shape.kv_heads, shape.head_dim)
+
+
+def kv_cache_bytes(shape: ModelShape, kv: KVCacheConfig | None, work: Workload) -> int:
+    per_seq = work.context * kv_bytes_per_token_layer(shape, kv)
+    if kv is not None and not kv.is_fp8:
+        per_seq += kv.residual_bytes(shape.kv_heads, shape.head_dim)
+    return int(math.ceil(work.batch * shape.layers * per_seq))
+
+
+def activation_bytes(shape: ModelShape, work: Workload) -> int:
+    """Peak working memory of a prefill besides weights and cache (an estimate: the widest MLP
+    intermediate of one layer, a few hidden-size buffers, and the last position's logits)."""
+    tokens = work.batch * work.context
+    widest = max((sum(o for _, o, _, _ in u.members) for u in shape.units), default=shape.hidden)
+    elem = _ST_DTYPES[shape.dtype][1]
+    return tokens * (widest + 4 * shape.hidden) * elem + work.batch * shape.vocab * 4
+
+
+@dataclasses.dataclass
+class Prediction:
+    """What a plan costs on a device. Seconds are per forward: ``decode_s`` one step of ``batch``
+    new tokens, ``prefill_s`` the whole batch x context prompt."""
+
+    device: str
+    batch: int
+    context: int
+    weight_bytes: int
+    checkpoint_bytes: int
+    kv_bytes: int
+    activation_bytes: int
+    decode_s: float
+    prefill_s: float
+    decode_breakdown: dict[str, float]
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.weight_bytes + self.kv_bytes + self.activation_bytes
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """New tokens per second for each sequence (one per step)."""
+        return 1.0 / self.decode_s
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.batch * self.context / self.prefill_s
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.update(memory_bytes=self.memory_bytes, decode_tokens_per_s=self.decode_tokens_per_s,
+                   prefill_tokens_per_s=self.prefill_tokens_per_s)
+        return out
+
+
+def _throughput(profile: DeviceProfile, fmt: WeightFormat) -> float:
+    """FLOP/s of the math a linear in ``fmt`` runs: native FP4 W4A4 on devices that have it, bf16
+    otherwise (weight-only formats are dequantized to bf16 inside our kernels)."""
+    if fmt.scheme == "nvfp4" and "nvfp4" in profile.native_formats and "fp4" in profile.tflops:
+        return profile.tflops["fp4"] * 1e12
+    return (profile.tflops.get("bf16") or profile.tflops.get("fp32")) * 1e12
+
+
+def kernel_seconds(profile: DeviceProfile, phase: str, family: str, nbytes: float, flops: float) -> float:
+    """Roofline time of one kernel divided by the profile's efficiency, plus one launch."""
+    eff = profile.efficiency[phase][family]
+    math_rate = (profile.tflops.get("bf16") or profile.tflops.get("fp32")) * 1e12
+    return max(nbytes / (profile.bandwidth_gbs * 1e9), flops / math_rate) / eff + profile.overhead_us * 1e-6
+
+
+def kernel_key(fmt: WeightFormat) -> str:
+    """The name ``DeviceProfile.kernel_formats`` lists for the kernel that runs ``fmt``."""
+    if fmt.scheme == "int":
+        return f"int{fmt.bits}"
+    return {"dense": "bf16", "nvfp4a16": "nvfp4", "nvfp4": "nvfp4"}.get(fmt.scheme, fmt.scheme)
+
+
+def has_kernel(profile: DeviceProfile, fmt: WeightFormat) -> bool:
+    """Whether ``fmt`` runs a fused kernel on ``profile`` (else the reference path: dequantize the
+    whole weight to bf16, then a dense matmul)."""
+    return fmt.dense or kernel_key(fmt) in profile.kernel_formats
+
+
+def linear_seconds(profile: DeviceProfile, phase: str, fmt: WeightFormat, out_f: int, in_f: int, tokens: int,
+                   dtype: torch.dtype) -> float:
+    elem = _ST_DTYPES[dtype][1]
+    nbytes = fmt.bytes(out_f, in_f, dtype) + tokens * (in_f + out_f) * elem
+    flops = 2.0 * tokens * in_f * out_f
+    launches = 1
+    family = fmt.family              # that family's efficiency: how well its path (kernel or reference) runs
+    if not has_kernel(profile, fmt):
+        # reference path: the dequantized weight is written and read back, in two launches
+        nbytes += 2 * out_f * in_f * elem
+        launches = 2
+    eff = profile.efficiency[phase][family]
+    return (max(nbytes / (profile.bandwidth_gbs * 1e9), flops / _throughput(profile, fmt)) / eff
+            + launches * profile.overhead_us * 1e-6)
+
+
+def unit_seconds(profile: DeviceProfile, shape: ModelShape, unit: Unit, fmt: WeightFormat, work: Workload,
+                 phase: str) -> float:
+    tokens = work.batch if phase == "decode" else work.batch * work.context
+    return sum(linear_seconds(profile, phase, fmt, o, i, tokens, shape.dtype) for _, o, i, _ in unit.members)
+
+
+def fixed_seconds(profile: DeviceProfile, shape: ModelShape, kv: KVCacheConfig | None, work: Workload,
+                  phase: str) -> dict[str, float]:
+    """What does not depend on the weight formats: attention over the cache, the output
+    projection, and the other small kernels of every layer."""
+    elem = _ST_DTYPES[shape.dtype][1]
+    overhead = profile.overhead_us * 1e-6
+    if phase == "decode":
+        kv_read = kv_cache_bytes(shape, kv, work) / shape.layers
+        flops = 4.0 * work.batch * work.context * shape.heads * shape.head_dim
+        attention = kernel_seconds(profile, phase, "attention", kv_read, flops)
+        lm_tokens = work.batch
+    else:
+        tokens = work.batch * work.context
+        qkvo = tokens * (2 * shape.heads + 2 * shape.kv_heads) * shape.head_dim * elem
+        flops = 2.0 * work.batch * work.context ** 2 * shape.heads * shape.head_dim   # causal: half of 4*T^2
+        attention = kernel_seconds(profile, phase, "attention", qkvo, flops)
+        lm_tokens = work.batch                                                       # logits of the last position
+    lm_bytes = shape.lm_head_params * elem + lm_tokens * (shape.hidden + shape.vocab) * elem
+    lm_head = kernel_seconds(profile, phase, "bf16", lm_bytes, 2.0 * lm_tokens * shape.lm_head_params)
+    return {"attention": attention * shape.layers, "lm_head": lm_head,
+            "other kernels": OTHER_KERNELS_PER_LAYER * shape.layers * overhead}
+
+
+def predict(shape: ModelShape, formats: dict[str, WeightFormat], profile: DeviceProfile, work: Workload,
+            kv: KVCacheConfig | None = None) -> Prediction:
+    """Memory and latency of ``shape`` with ``formats`` (unit name -> WeightFormat) on ``profile``."""
+    missing = [u.name for u in shape.units if u.name not in formats]
+    if missing:
+        raise ConfigError(f"no weight format for {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    weights = sum(math.prod(s) * _ST_DTYPES[d][1] for d, s in plan_tensors(shape, formats).values())
+    breakdown = {"linears": sum(unit_seconds(profile, shape, u, formats[u.name], work, "decode")
+                                for u in shape.units)}
+    breakdown.update(fixed_seconds(profile, shape, kv, work, "decode"))
+    prefill = sum(unit_seconds(profile, shape, u, formats[u.name], work, "prefill") for u in shape.units)
+    prefill += sum(fixed_seconds(profile, shape, kv, work, "prefill").values())
+    return Prediction(profile.name, work.batch, work.context, weights, checkpoint_bytes(shape, formats),
+                      kv_cache_bytes(shape, kv, work), activation_bytes(shape, work),
+                      sum(breakdown.values()), prefill, breakdown)
