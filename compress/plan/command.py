@@ -154,9 +154,19 @@ def recipe_of(plan: Plan, inputs: PlanInputs, *, source: str, calib_data: str, c
                                 "baseline": False}
         if kv is not None:
             recipe["evaluation"]["kv_chunk"] = 16
-    recipe["export"] = {"output": rel(output) or f"./out/{name}", "overwrite": True}
+    recipe["export"] = {"output": _output_path(output, base_dir) or f"./out/{name}", "overwrite": True}
     recipe["plan"] = _jsonable(plan.to_dict())
     return recipe
+
+
+def _output_path(output: str | None, base_dir: Path | None) -> str | None:
+    """The export directory as the recipe must spell it: relative to the recipe's folder and
+    starting with ./ or ../ (a bare relative name would read as a hub id)."""
+    import os
+    if output is None or base_dir is None or Path(output).is_absolute():
+        return output
+    rel = os.path.relpath(Path(output).resolve(), base_dir.resolve())
+    return rel if rel.startswith(".") else f"./{rel}"
 
 
 def _jsonable(data):

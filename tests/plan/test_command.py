@@ -178,3 +178,17 @@ def test_calibration_fits_the_efficiency_that_reproduces_a_measurement():
     assert again.predicted_decode_seconds == pytest.approx(m.decode_seconds, rel=1e-9)
     assert again.predicted_prefill_seconds == pytest.approx(m.prefill_seconds, rel=1e-9)
     assert fitted.efficiency["decode"]["int"] == cpu.efficiency["decode"]["int"]      # only what was measured
+
+
+def test_relative_paths_in_the_written_recipe_work_from_any_directory(base, text_file, tmp_path, home, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "plans").mkdir()
+    assert main(["-q", "plan", "base", "--device", "cpu", "--calib", "text.txt", *COMMON, "--memory-mib", "0.2",
+                 "--export", "out/x", "--output", "plans/p.yaml"]) == 0
+    data = yaml.safe_load((tmp_path / "plans" / "p.yaml").read_text())
+    assert data["export"]["output"] == "../out/x" and data["model"] == "../base"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["-q", "run", str(tmp_path / "plans" / "p.yaml")]) == 0
+    assert (tmp_path / "out" / "x" / "model.safetensors").is_file()
