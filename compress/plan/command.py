@@ -16,12 +16,12 @@ import dataclasses
 import datetime
 import json
 import logging
+import math
 import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from ..errors import ConfigError
@@ -214,7 +214,11 @@ def format_plan(plan: Plan, inputs: PlanInputs, baselines: list[Plan] = ()) -> s
              "",
              "formats: " + ", ".join(f"{n} x{c}" for n, c in plan.counts().items()) + f" (of {len(plan.formats)} units)"]
     for b in baselines:
-        lines.append(f"  uniform {b.formats[next(iter(b.formats))].name:<14} {_mib(b.prediction.checkpoint_bytes):>14}"
+        name = b.formats[next(iter(b.formats))].name
+        if not math.isfinite(b.dloss):
+            lines.append(f"  uniform {name:<14} does not fit every layer")
+            continue
+        lines.append(f"  uniform {name:<14} {_mib(b.prediction.checkpoint_bytes):>14}"
                      f"  +{b.dloss:.4f} nats  {b.prediction.decode_tokens_per_s:,.1f} tok/s")
     if not plan.feasible:
         lines += ["", plan.message]
