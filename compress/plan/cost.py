@@ -98,8 +98,7 @@ class WeightFormat:
 
     def bytes(self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16,
               bias: bool = False) -> int:
-        return sum(math.prod(s) * _ST_DTYPES[d][1] for d, s in self.tensors(out_features, in_features, dtype,
-                                                                             bias).values())
+        return specs_bytes(self.tensors(out_features, in_features, dtype, bias).values())
 
     def bits_per_weight(self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16) -> float:
         return 8 * self.bytes(out_features, in_features, dtype) / (out_features * in_features)
@@ -263,6 +262,11 @@ def _unit_name(prefix: str, group: list[str]) -> str:
 
 # --- checkpoint bytes ---------------------------------------------------------------------------
 
+def specs_bytes(specs) -> int:
+    """Data bytes of tensors given as (dtype, shape) pairs."""
+    return sum(math.prod(s) * _ST_DTYPES[d][1] for d, s in specs)
+
+
 def safetensors_file_bytes(tensors: dict[str, tuple[torch.dtype, tuple[int, ...]]],
                            metadata: dict[str, str] | None = None) -> int:
     """Size of the .safetensors file holding ``tensors``: 8-byte header length, the JSON header
@@ -385,11 +389,15 @@ def _throughput(profile: DeviceProfile, fmt: WeightFormat) -> float:
     return (profile.tflops.get("bf16") or profile.tflops.get("fp32")) * 1e12
 
 
-def kernel_seconds(profile: DeviceProfile, phase: str, family: str, nbytes: float, flops: float) -> float:
-    """Roofline time of one kernel divided by the profile's efficiency, plus one launch."""
+def kernel_seconds(profile: DeviceProfile, phase: str, family: str, nbytes: float, flops: float,
+                   math_rate: float | None = None, launches: int = 1) -> float:
+    """Roofline time of a kernel divided by the profile's efficiency, plus its launches.
+    ``math_rate``: FLOP/s of its math (default bf16, or fp32 where bf16 is absent)."""
     eff = profile.efficiency[phase][family]
-    math_rate = (profile.tflops.get("bf16") or profile.tflops.get("fp32")) * 1e12
-    return max(nbytes / (profile.bandwidth_gbs * 1e9), flops / math_rate) / eff + profile.overhead_us * 1e-6
+    if math_rate is None:
+        math_rate = (profile.tflops.get("bf16") or profile.tflops.get("fp32")) * 1e12
+    return (max(nbytes / (profile.bandwidth_gbs * 1e9), flops / math_rate) / eff
+            + launches * profile.overhead_us * 1e-6)
 
 
 def kernel_key(fmt: WeightFormat) -> str:
@@ -416,9 +424,7 @@ def linear_seconds(profile: DeviceProfile, phase: str, fmt: WeightFormat, out_f:
         # reference path: the dequantized weight is written and read back, in two launches
         nbytes += 2 * out_f * in_f * elem
         launches = 2
-    eff = profile.efficiency[phase][family]
-    return (max(nbytes / (profile.bandwidth_gbs * 1e9), flops / _throughput(profile, fmt)) / eff
-            + launches * profile.overhead_us * 1e-6)
+    return kernel_seconds(profile, phase, family, nbytes, flops, _throughput(profile, fmt), launches)
 
 
 def unit_seconds(profile: DeviceProfile, shape: ModelShape, unit: Unit, fmt: WeightFormat, work: Workload,
@@ -456,7 +462,7 @@ def predict(shape: ModelShape, formats: dict[str, WeightFormat], profile: Device
     missing = [u.name for u in shape.units if u.name not in formats]
     if missing:
         raise ConfigError(f"no weight format for {missing[:3]}{' ...' if len(missing) > 3 else ''}")
-    weights = sum(math.prod(s) * _ST_DTYPES[d][1] for d, s in plan_tensors(shape, formats).values())
+    weights = specs_bytes(plan_tensors(shape, formats).values())
     breakdown = {"linears": sum(unit_seconds(profile, shape, u, formats[u.name], work, "decode")
                                 for u in shape.units)}
     breakdown.update(fixed_seconds(profile, shape, kv, work, "decode"))

@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..quant.kv_config import KVCacheConfig
 from .cost import (ModelShape, Prediction, WeightFormat, Workload, checkpoint_bytes, fixed_seconds, has_kernel,
-                   parse_format, predict, unit_seconds)
+                   parse_format, predict, specs_bytes, unit_seconds)
 from .devices import DeviceProfile
 from .sensitivity import Sensitivity
 
@@ -321,12 +321,7 @@ def _infeasible_memory(shape, profile, target, work, options, kv_name, kv_q, bui
 
 
 def _fixed_bytes(shape: ModelShape) -> int:
-    return sum(_nbytes(d, s) for d, s in shape.other.values())
-
-
-def _nbytes(dtype, shape_) -> int:
-    import torch
-    return math.prod(shape_) * torch.empty((), dtype=dtype).element_size()
+    return specs_bytes(shape.other.values())
 
 
 def uniform_plan(shape: ModelShape, sens: Sensitivity, profile: DeviceProfile, target: Target, fmt: str) -> Plan:
