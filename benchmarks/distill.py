@@ -39,9 +39,9 @@ import torch
 
 import compress
 from compress.configs import config_from_dict
-from compress.distill.teacher import TeacherTargets, compute_targets
+from compress.distillation.teacher import TeacherTargets, compute_targets
 from compress.modeling import find_decoder_layers
-from compress.prune.masks import check_nm
+from compress.pruning.masks import check_nm
 from compress.report import machine, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +136,7 @@ def table(rows: list[dict], float_ppl: float) -> str:
 def run_recipe_variant(args) -> dict:
     """A shipped recipe as it is, or (``--as-lm``) with its distill pass replaced by LoRA retraining
     on the language-modelling loss with the same LoRA settings (steps, budget, windows)."""
-    from compress.prune.lora import LoRAConfig
+    from compress.lora.adapters import LoRAConfig
     from compress.recipe import load_recipe, run_recipe
     recipe = load_recipe(args.recipe)
     if args.as_lm:

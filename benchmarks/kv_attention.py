@@ -32,7 +32,7 @@ import torch
 
 from compress.kernels.decode_attention import decode_attention, decode_attention_reference
 from compress.kernels.dequant_linear import triton_unsupported
-from compress.quant.kv_quant import FP8_DTYPE, QuantizedKV, packed_width
+from compress.kv.quant import FP8_DTYPE, QuantizedKV, packed_width
 from compress.report import machine
 
 ROOT = Path(__file__).resolve().parents[1]

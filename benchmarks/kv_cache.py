@@ -32,8 +32,8 @@ from compress.data import calibration_data, windows
 from compress.evaluation import (float_continuation, generation_agreement, perplexity_of_windows,
                                  perplexity_through_cache)
 from compress.kv import apply_kv_cache
-from compress.quant.kv_cache import attention_geometry
-from compress.quant.kv_config import KVCacheConfig, dense_bytes_per_token
+from compress.kv.cache import attention_geometry
+from compress.kv.config import KVCacheConfig, dense_bytes_per_token
 from compress.report import machine
 
 ROOT = Path(__file__).resolve().parents[1]

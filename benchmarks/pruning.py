@@ -27,7 +27,7 @@ import torch
 import compress
 from compress.configs import config_from_dict
 from compress.modeling import find_decoder_layers
-from compress.prune.masks import check_nm
+from compress.pruning.masks import check_nm
 from compress.report import machine, summarize
 
 ROOT = Path(__file__).resolve().parents[1]

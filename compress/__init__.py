@@ -18,18 +18,19 @@ from .bench import BenchResult, BenchSettings, benchmark  # noqa: E402
 from .checkpoint.export import export  # noqa: E402
 from .checkpoint.inspect import inspect_checkpoint  # noqa: E402
 from .configs import config_from_dict, registered_methods  # noqa: E402
-from .distill.config import DistillConfig  # noqa: E402
-from .distill.teacher import TeacherTargets, compute_targets  # noqa: E402
+from .distillation.config import DistillConfig  # noqa: E402
+from .distillation.teacher import TeacherTargets, compute_targets  # noqa: E402
 from .data import CalibrationData, calibration_data  # noqa: E402
 from .errors import (CheckpointError, CompressError, ConfigError, DataError, MissingPathError,  # noqa: E402
                      ModelLoadError)
 from .evaluation import AgreementResult, EvalResult, evaluate, generate, generation_agreement  # noqa: E402
 from .kv import kv_cache  # noqa: E402
 from .loading import load_model  # noqa: E402
-from .prune import LoRAConfig, MagnitudeConfig, SparseGPTConfig, StructuredConfig, WandaConfig  # noqa: E402
+from .lora import LoRAConfig  # noqa: E402
+from .pruning import MagnitudeConfig, SparseGPTConfig, StructuredConfig, WandaConfig  # noqa: E402
 from .quant.config import GPTQConfig, RTNConfig  # noqa: E402
-from .quant.kv_cache import QuantizedKVCache  # noqa: E402
-from .quant.kv_config import KVCacheConfig  # noqa: E402
+from .kv.cache import QuantizedKVCache  # noqa: E402
+from .kv.config import KVCacheConfig  # noqa: E402
 from .quant.linear import QuantLinear  # noqa: E402
 from .runtime import set_backend  # noqa: E402
 

@@ -12,15 +12,15 @@ from .errors import ConfigError
 from .quant.apply import quantize_weights
 from .kv import apply_kv_cache
 from .quant.config import GPTQConfig, RTNConfig
-from .quant.kv_config import KVCacheConfig
-from .prune.apply import prune_weights
-from .prune.config import MagnitudeConfig, PruneConfig, SparseGPTConfig, WandaConfig
-from .prune.lora import LoRAConfig
-from .prune.lora_train import lora_retrain
-from .prune.structured import StructuredConfig, prune_structured
-from .distill.apply import distill as _distill
-from .distill.apply import distill_pass
-from .distill.config import DistillConfig
+from .kv.config import KVCacheConfig
+from .pruning.apply import prune_weights
+from .pruning.config import MagnitudeConfig, PruneConfig, SparseGPTConfig, WandaConfig
+from .lora.adapters import LoRAConfig
+from .lora.train import lora_retrain
+from .pruning.structured import StructuredConfig, prune_structured
+from .distillation.apply import distill as _distill
+from .distillation.apply import distill_pass
+from .distillation.config import DistillConfig
 
 log = logging.getLogger(__name__)
 

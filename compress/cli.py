@@ -24,7 +24,7 @@ from .plan.command import add_plan_parser, run_plan
 from .plan.devices import add_devices_parser, run_devices, save_profile
 from .quant.config import GPTQConfig, RTNConfig
 from .quant.formats import SCHEMES
-from .quant.kv_config import KV_SCHEMES, KVCacheConfig
+from .kv.config import KV_SCHEMES, KVCacheConfig
 from .recipe import CalibrationSection, EvaluationSection, ExportSection, Recipe, load_recipe, run_recipe
 
 log = logging.getLogger("compress")

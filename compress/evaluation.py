@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .data import windows
 from .engine import check_seqlen
 from .errors import ConfigError
-from .quant.kv_config import KVCacheConfig
+from .kv.config import KVCacheConfig
 from .modeling import module_device
 
 

@@ -30,7 +30,7 @@ from .kernels.dequant_linear import check_backend
 from .runtime import set_backend
 from .checkpoint.sparse_layout import CONFIG_KEY as SPARSITY_KEY
 from .checkpoint.sparse_layout import install_sparse_linears
-from .prune.sparse_linear import Sparse24Linear
+from .pruning.sparse_linear import Sparse24Linear
 from .quant.linear import QuantLinear
 
 log = logging.getLogger(__name__)
@@ -255,8 +255,8 @@ def install_kv_scales(model: nn.Module, kv_scheme: dict, where: str) -> None:
     tensors to fill, and the model's KV-cache config (kept from an export of ours, or derived
     from ``kv_cache_scheme`` for checkpoints written by other tools)."""
     from .kv import CONFIG_KEY, attention_modules
-    from .quant.kv_cache import attention_geometry
-    from .quant.kv_config import KVCacheConfig
+    from .kv.cache import attention_geometry
+    from .kv.config import KVCacheConfig
     granularity = parse_kv_cache_scheme(kv_scheme, where)
     _, kv_heads, _ = attention_geometry(model.config)
     shape = (kv_heads, 1, 1) if granularity == "head" else (1,)

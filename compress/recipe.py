@@ -39,10 +39,10 @@ from .kernels.dequant_linear import check_backend
 from .loading import load_model
 from .report import Report, StageRow, summarize
 from .runtime import set_backend
-from .distill.config import DistillConfig
-from .distill.teacher import compute_targets
+from .distillation.config import DistillConfig
+from .distillation.teacher import compute_targets
 from .engine import default_device
-from .prune.lora import LoRAConfig
+from .lora.adapters import LoRAConfig
 from .workdir import WorkDir
 
 log = logging.getLogger(__name__)

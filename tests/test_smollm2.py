@@ -115,8 +115,8 @@ def test_kv_caches_cost_little_at_8_and_4_bits_and_fp8_exports_for_transformers(
 def test_wanda_2of4_beats_magnitude_lora_recovers_and_the_compact_checkpoint_reloads(tmp_path):
     import copy
 
-    from compress.prune.masks import check_nm
-    from compress.prune.sparse_linear import Sparse24Linear
+    from compress.pruning.masks import check_nm
+    from compress.pruning.sparse_linear import Sparse24Linear
     require_smollm2()
     model, tok = compress.load_model(MODEL)
     magnitude = copy.deepcopy(model)

@@ -10,7 +10,7 @@ import yaml
 import compress.recipe as recipe_module
 from compress.loading import load_model
 from compress.modeling import find_decoder_layers
-from compress.prune.masks import check_nm
+from compress.pruning.masks import check_nm
 from compress.recipe import load_recipe, run_recipe
 from compress.workdir import stage_fingerprints
 from conftest import tiny_model
@@ -136,7 +136,7 @@ def test_a_changed_pass_or_restart_starts_from_the_beginning(tmp_path, tokenizer
 def test_an_interrupted_distillation_resumes_mid_training(tmp_path, tokenizer, text_file, monkeypatch):
     """The training state in the work directory lets a killed distillation go on at its last saved step."""
     path = _recipe(tmp_path, tokenizer, text_file)
-    distill_module = importlib.import_module("compress.distill.apply")   # compress.distill is also the function
+    distill_module = importlib.import_module("compress.distillation.apply")   # compress.distill is also the function
     real_loss = distill_module.distillation_loss
     calls = []
 

@@ -1,6 +1,6 @@
 """Low-rank corrections kept beside the checkpoint as a PEFT LoRA adapter, and read back.
 
-A ``LoRALinear`` (``compress/prune/lora.py``) without a mask computes ``base(x) + s * x @ A^T @ B^T``
+A ``LoRALinear`` (``compress/lora/adapters.py``) without a mask computes ``base(x) + s * x @ A^T @ B^T``
 with ``s = alpha / rank``: exactly PEFT's LoRA (scaling ``lora_alpha / r``). The export therefore
 writes the *base* module into the main checkpoint, which stays a standard one (plain transformers,
 or compressed-tensors pack-quantized), and the adapters into ``adapter/`` in PEFT's own layout::
@@ -34,7 +34,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..modeling import get_module, set_module
-from ..prune.lora import LoRALinear, merged_weight
+from ..lora.adapters import LoRALinear, merged_weight
 from ..quant.packed import PackedLinear
 from .safetensors_io import read_header
 
@@ -82,7 +82,7 @@ def _merged_linear(name: str, module: LoRALinear) -> nn.Linear:
         raise CheckpointError(f"{name}: a LoRA adapter trained under the sparsity mask of a packed "
                               f"{type(base).__name__} computes (s*B@A) * M, which is neither a low-rank "
                               f"adapter nor mergeable into packed weights; merge the adapters into the dense "
-                              f"model before quantizing (compress.prune.lora.unwrap_lora), or retrain with "
+                              f"model before quantizing (compress.lora.adapters.unwrap_lora), or retrain with "
                               f"mask_during_training=False to keep them as an adapter")
     with torch.no_grad():
         weight = merged_weight(base.weight, module.lora_A, module.lora_B, module.scale, module.mask)
@@ -107,7 +107,7 @@ def shared_rank_alpha(adapters: dict[str, LoRALinear]) -> tuple[int, float]:
                 f"and lora_alpha, which vLLM applies to every module): {first} has rank {ref.rank}, alpha "
                 f"{ref.scale * ref.rank:g} but {name} has rank {module.rank}, alpha "
                 f"{module.scale * module.rank:g}; retrain with one rank and alpha, or merge the adapters "
-                f"first (compress.prune.lora.unwrap_lora, dense bases only)")
+                f"first (compress.lora.adapters.unwrap_lora, dense bases only)")
     return ref.rank, ref.scale * ref.rank
 
 

@@ -218,7 +218,7 @@ def format_inspection(info: dict) -> str:
         lines.append(f"  dense      {'; '.join(describe_modules(info['ignore']))}")
     kv = info.get("kv_cache")
     if kv:
-        from ..quant.kv_config import KVCacheConfig
+        from ..kv.config import KVCacheConfig
         served = " (k_scale/v_scale + kv_cache_scheme for vLLM)" if info.get("kv_cache_scheme") else \
             " (compress runtime only)"
         lines.append(f"  kv cache   {KVCacheConfig.from_dict(dict(kv)).describe()}{served}")

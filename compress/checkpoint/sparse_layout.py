@@ -25,8 +25,8 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError
 from ..kernels.sparse24_linear import pack_24
 from ..modeling import find_decoder_layers, get_module, set_module
-from ..prune.masks import check_nm
-from ..prune.sparse_linear import Sparse24Linear
+from ..pruning.masks import check_nm
+from ..pruning.sparse_linear import Sparse24Linear
 from ..quant.linear import DYNAMIC_ACTORDER, QuantLinear
 from ..quant.packing import unpack_int32
 

@@ -1,6 +1,6 @@
 """Decode attention over a quantized KV cache: one query token per sequence, reference and dispatch.
 
-The cache is a ``compress.quant.kv_quant.QuantizedKV``: ``length`` quantized tokens (KIVI int8/4/2
+The cache is a ``compress.kv.quant.QuantizedKV``: ``length`` quantized tokens (KIVI int8/4/2
 or FP8 E4M3) followed by a full-precision residual window. The reference dequantizes the whole
 cache with ``QuantizedKV.dequantize(unrotate=False)`` (so in the cache's dtype, exactly the tensors
 the model would see), rotates the query instead of un-rotating the keys when the keys are stored
@@ -21,7 +21,7 @@ import math
 import torch
 
 from ..errors import ConfigError
-from ..quant.kv_quant import QuantizedKV, rotate
+from ..kv.quant import QuantizedKV, rotate
 from .dequant_linear import resolve_backend
 
 MIN_TOKENS_PER_SPLIT = 256     # below this a split's fixed cost (q load, partial store, combine) dominates

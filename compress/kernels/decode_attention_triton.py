@@ -1,7 +1,7 @@
 """Triton flash-decoding attention that reads a quantized KV cache as it is stored.
 
 The reference (``decode_attention.decode_attention_reference``) is the specification. The layout is
-``compress.quant.kv_quant``'s (all (B, H, T, ...), any strides along B, H and T, rows contiguous):
+``compress.kv.quant``'s (all (B, H, T, ...), any strides along B, H and T, rows contiguous):
 
 - int (KIVI): ``k_codes`` / ``v_codes`` uint8 (B, H, T, D/PER), PER = 8/BITS codes per byte, channel
   d in bits ``(d % PER) * BITS`` of byte ``d // PER``; ``k_scale`` / ``k_min`` fp16 (B, H, T/G, D) per
@@ -69,7 +69,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..quant.kv_quant import QuantizedKV, rotate
+from ..kv.quant import QuantizedKV, rotate
 from .decode_attention import choose_num_splits, sm_count
 
 LOG2E = 1.4426950408889634

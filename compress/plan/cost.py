@@ -26,7 +26,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..modeling import find_decoder_layers, fused_groups, tied_parameter_names
-from ..quant.kv_config import KVCacheConfig, dense_bytes_per_token
+from ..kv.config import KVCacheConfig, dense_bytes_per_token
 
 if TYPE_CHECKING:
     from .devices import DeviceProfile

@@ -23,7 +23,7 @@ import math
 import numpy as np
 
 from ..errors import ConfigError
-from ..quant.kv_config import KVCacheConfig
+from ..kv.config import KVCacheConfig
 from .cost import (ModelShape, Prediction, WeightFormat, Workload, checkpoint_bytes, fixed_seconds, has_kernel,
                    parse_format, predict, specs_bytes, unit_seconds)
 from .devices import DeviceProfile

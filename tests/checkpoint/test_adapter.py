@@ -16,7 +16,7 @@ from compress.checkpoint.inspect import format_inspection
 from compress.data import CalibrationData
 from compress.errors import CheckpointError
 from compress.modeling import find_decoder_layers, set_module
-from compress.prune.lora import LoRALinear, sparsity_mask
+from compress.lora.adapters import LoRALinear, sparsity_mask
 from compress.quant.fp4_linear import FP4Linear
 from compress.quant.linear import QuantLinear
 from compress.quant.packed import PackedLinear

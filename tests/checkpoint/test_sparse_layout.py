@@ -11,8 +11,8 @@ import compress
 from compress.checkpoint.safetensors_io import read_state_dict
 from compress.data import CalibrationData
 from compress.errors import CheckpointError, ConfigError
-from compress.prune.masks import check_nm
-from compress.prune.sparse_linear import Sparse24Linear
+from compress.pruning.masks import check_nm
+from compress.pruning.sparse_linear import Sparse24Linear
 from compress.quant.linear import QuantLinear
 from conftest import tiny_model
 

@@ -13,7 +13,7 @@ from kernel_cases import CUDA, rel_err, triton_device  # noqa: F401  (fixture)
 from compress.errors import ConfigError
 from compress.kernels.decode_attention import (choose_num_splits, decode_attention, decode_attention_reference,
                                                layout_unsupported)
-from compress.quant import kv_quant as kq
+from compress.kv import quant as kq
 
 # ||kernel - reference|| / ||reference|| per query dtype. The reference rounds the dequantized cache to
 # the cache dtype and computes in float32; the kernel rounds elsewhere (q * key_scale and p * value_scale

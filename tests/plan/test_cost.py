@@ -14,7 +14,7 @@ from compress.errors import ConfigError
 from compress.plan.cost import (Workload, checkpoint_bytes, formats_of, kv_cache_bytes, model_shape, parse_format,
                                 predict, shape_from_config)
 from compress.plan.devices import load_profile
-from compress.quant.kv_config import KVCacheConfig
+from compress.kv.config import KVCacheConfig
 from conftest import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -93,7 +93,7 @@ def test_non_finite_hessian_is_refused():
 
 @pytest.mark.parametrize("case", CASES[:5] + CASES[6:], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 def test_a_fixed_mask_keeps_pruned_weights_exactly_zero_and_still_beats_rtn(case):
-    from compress.prune.masks import check_nm, nm_mask
+    from compress.pruning.masks import check_nm, nm_mask
     w, h = _layer()
     keep = nm_mask(w.abs() * h.diagonal().sqrt(), 2, 4)                 # a 2:4 model's mask
     pruned = w * keep
@@ -120,7 +120,7 @@ def test_gptq_pass_keeps_a_pruned_models_2of4_unless_told_not_to():
     import compress
     from compress.data import CalibrationData
     from compress.modeling import find_decoder_layers
-    from compress.prune.masks import check_nm
+    from compress.pruning.masks import check_nm
     from conftest import tiny_model
     model = tiny_model("llama")
     calib = CalibrationData(torch.randint(0, model.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(1)),

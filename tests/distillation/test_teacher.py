@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 import compress
-from compress.distill.teacher import (HIDDEN_DTYPE, LiveTeacher, TeacherTargets, compute_targets, resolve_layers,
+from compress.distillation.teacher import (HIDDEN_DTYPE, LiveTeacher, TeacherTargets, compute_targets, resolve_layers,
                                       windows_key)
 from compress.errors import CheckpointError, ConfigError
 

@@ -12,7 +12,7 @@ from compress.errors import CheckpointError, ConfigError
 from compress.evaluation import perplexity_through_cache
 from compress.kv import kv_cache, kv_config_of, kv_scales_of
 from compress.loading import load_compressed
-from compress.quant.kv_config import KVCacheConfig
+from compress.kv.config import KVCacheConfig
 from compress.recipe import recipe_from_dict
 from conftest import tiny_model
 

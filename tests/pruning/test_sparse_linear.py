@@ -13,7 +13,7 @@ from torch import nn
 
 from compress.errors import CheckpointError, ConfigError
 from compress.kernels.sparse24_linear import pack_24
-from compress.prune.sparse_linear import Sparse24Linear
+from compress.pruning.sparse_linear import Sparse24Linear
 from compress.quant.grid import compute_qparams, dequantize, quantize
 from compress.runtime import set_backend
 

@@ -12,7 +12,7 @@ prefill chunk attends to what decoding would see, not to a full-precision copy.
 
 With ``fused=True`` (the runtime sets it on CUDA) a single-token decode step returns a
 ``QuantizedKV`` view instead of dequantized tensors, and the ``compress_kv`` attention function
-(``compress.kv``) runs the Triton decode-attention kernel on the quantized bytes directly.
+(``compress.kv.attention``) runs the Triton decode-attention kernel on the quantized bytes directly.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ..errors import ConfigError
-from .kv_config import KVCacheConfig, dense_bytes_per_token
-from .kv_quant import (FP8_DTYPE, FP8_MAX, SCALE_DTYPE, QuantizedKV, packed_width, quantize_fp8,
+from .config import KVCacheConfig, dense_bytes_per_token
+from .quant import (FP8_DTYPE, FP8_MAX, SCALE_DTYPE, QuantizedKV, packed_width, quantize_fp8,
                        quantize_key_blocks, quantize_values, rotate)
 
 log = logging.getLogger(__name__)
@@ -221,7 +221,7 @@ class QuantizedKVCache(Cache):
         """A cache for ``model``: ``kv`` defaults to the config the model carries (a ``kv_cache``
         pass or a loaded checkpoint); fp8 scales come from the model's calibrated
         ``k_scale``/``v_scale`` buffers when it has them."""
-        from ..kv import kv_config_of, kv_scales_of
+        from .attention import kv_config_of, kv_scales_of
         kv = kv or kv_config_of(model)
         if kv is None:
             raise ConfigError("the model carries no KV-cache config; pass one, e.g. KVCacheConfig(scheme='int4')")

@@ -7,9 +7,9 @@ import torch
 import compress
 from compress.data import CalibrationData
 from compress.errors import ConfigError
-from compress.prune.config import parse_pattern
-from compress.prune.masks import check_nm, nm_mask, sparsity_of, unstructured_mask
-from compress.prune.sparsegpt import sparsegpt_solve
+from compress.pruning.config import parse_pattern
+from compress.pruning.masks import check_nm, nm_mask, sparsity_of, unstructured_mask
+from compress.pruning.sparsegpt import sparsegpt_solve
 from compress.quant.formats import IntFormat
 from compress.quant.linear import QuantLinear
 from compress.stats import HessianStats

@@ -7,7 +7,7 @@ from typing import Literal
 
 from ..configs import register_method
 from ..errors import ConfigError
-from ..prune.lora import LoRAConfig
+from ..lora.adapters import LoRAConfig
 
 
 @register_method

@@ -20,12 +20,12 @@ from torch import nn
 
 import compress
 from compress.configs import config_from_dict
-from compress.distill.losses import forward_kl, hidden_mse, reverse_kl, topk_kl
-from compress.distill.teacher import LiveTeacher, compute_targets
+from compress.distillation.losses import forward_kl, hidden_mse, reverse_kl, topk_kl
+from compress.distillation.teacher import LiveTeacher, compute_targets
 from compress.errors import ConfigError
-from compress.prune.lora import LoRAConfig, LoRALinear
-from compress.prune.lora_train import retrain
-from compress.prune.masks import check_nm
+from compress.lora.adapters import LoRAConfig, LoRALinear
+from compress.lora.train import retrain
+from compress.pruning.masks import check_nm
 from compress.quant.linear import QuantLinear
 
 from conftest import VOCAB, tiny_model
@@ -33,7 +33,7 @@ from conftest import VOCAB, tiny_model
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ``compress.distill`` is the entry function; the module that holds the pass is reached by name.
-apply_module = importlib.import_module("compress.distill.apply")
+apply_module = importlib.import_module("compress.distillation.apply")
 
 ARCHS = ["llama", "qwen2"]
 CPU = torch.device("cpu")
@@ -392,7 +392,7 @@ def test_an_interrupted_distillation_resumes_at_its_last_saved_step(tmp_path, mo
     # The state of another run (another learning rate) is not resumed: a warning, then step 0.
     calls.clear()
     other = dataclasses.replace(cfg, learning_rate=1e-3)
-    with caplog.at_level(logging.WARNING, logger="compress.prune.train_state"):
+    with caplog.at_level(logging.WARNING, logger="compress.lora.train_state"):
         result = compress.distill(copy.deepcopy(pruned), other, train, teacher=targets, progress=False,
                                   state_path=state)
     assert "belongs to another run" in caplog.text and "starting from step 0" in caplog.text
@@ -478,8 +478,8 @@ def test_apply_without_a_teacher_and_distill_with_another_config_are_refused():
 # --- kl_tokens: "teacher_better" -------------------------------------------------------------------
 
 def test_teacher_better_positions_are_where_the_teacher_gives_the_next_token_more_probability():
-    from compress.distill.apply import _teacher_better
-    from compress.distill.teacher import TeacherBatch, top_k_targets
+    from compress.distillation.apply import _teacher_better
+    from compress.distillation.teacher import TeacherBatch, top_k_targets
     teacher, ids = _teacher("llama"), _ids(3, 4, 16)
     student = _pruned(teacher)
     with torch.no_grad():

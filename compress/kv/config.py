@@ -9,7 +9,7 @@ import torch
 
 from ..configs import MethodConfig, register_method
 from ..errors import ConfigError
-from .kv_quant import SCALE_DTYPE
+from .quant import SCALE_DTYPE
 
 KV_SCHEMES = ("fp8", "int8", "int4", "int2")
 

@@ -10,8 +10,8 @@ from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Lla
 from compress.configs import config_from_dict
 from compress.data import CalibrationData
 from compress.errors import ConfigError
-from compress.prune import structured
-from compress.prune.structured import StructuredConfig, prune_structured
+from compress.pruning import structured
+from compress.pruning.structured import StructuredConfig, prune_structured
 from conftest import VOCAB
 
 HIDDEN, WIDTH = 64, 160

@@ -1,5 +1,5 @@
 """Retrain a pruned model's LoRA adapters, norms and biases on calibration text, then merge under
-the mask (PERP). The adapter module and the merge math are in ``lora.py``.
+the mask (PERP). The adapter module and the merge math are in ``adapters.py``.
 
 ``retrain`` wraps the target linears (``wrap_lora``), freezes everything else, trains the chosen
 set with AdamW on ``loss_fn`` (the causal-LM loss unless a caller, e.g. distillation, passes its own),
@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..engine import check_seqlen, default_device
 from ..errors import ConfigError
 from ..modeling import onloaded, set_module
-from .lora import LoRAConfig, LoRALinear, base_weight, is_norm, merged_weight, unwrap_lora, wrap_lora
+from .adapters import LoRAConfig, LoRALinear, base_weight, is_norm, merged_weight, unwrap_lora, wrap_lora
 from .train_state import TrainingCheckpoint, run_signature
 
 log = logging.getLogger(__name__)

@@ -9,8 +9,8 @@ from torch import nn
 from compress.configs import config_from_dict
 from compress.data import CalibrationData
 from compress.errors import ConfigError
-from compress.prune.lora import LoRAConfig, LoRALinear, merge_lora, merged_weight, unwrap_lora, wrap_lora
-from compress.prune.lora_train import causal_lm_loss, lora_retrain, lr_factor, retrain
+from compress.lora.adapters import LoRAConfig, LoRALinear, merge_lora, merged_weight, unwrap_lora, wrap_lora
+from compress.lora.train import causal_lm_loss, lora_retrain, lr_factor, retrain
 
 from conftest import VOCAB, tiny_model
 

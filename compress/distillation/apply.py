@@ -1,4 +1,4 @@
-"""The distillation pass: LoRA retraining (``prune/lora_train.py``) with a teacher-matching loss.
+"""The distillation pass: LoRA retraining (``compress/lora/train.py``) with a teacher-matching loss.
 
 The student is the compressed model: its pruned or quantized weights stay frozen, LoRA adapters
 on its linears (plus norms and biases) are trained on the teacher's targets, then
@@ -24,8 +24,8 @@ from torch import nn
 from ..engine import default_device
 from ..errors import ConfigError
 from ..modeling import find_decoder_layers, set_module
-from ..prune.lora import LoRALinear, select_targets
-from ..prune.lora_train import LOSS_WINDOW, RetrainResult, calibration_ids, retrain
+from ..lora.adapters import LoRALinear, select_targets
+from ..lora.train import LOSS_WINDOW, RetrainResult, calibration_ids, retrain
 from ..quant.config import RTNConfig
 from ..quant.fp4_linear import FP4Linear
 from ..quant.grid import quantize
@@ -175,7 +175,7 @@ def _teacher_source(teacher, cfg: DistillConfig, ids: torch.Tensor, layers: list
 def requantize_adapters(model: nn.Module) -> int:
     """Fold every LoRALinear around a packed base into its dequantized weight and round that onto
     the base's own format (fresh scales, round-to-nearest); dense bases merge plainly."""
-    from ..prune.lora import merge_lora
+    from ..lora.adapters import merge_lora
     count = 0
     for name, module in list(model.named_modules()):
         if not isinstance(module, LoRALinear):

@@ -4,7 +4,7 @@ and bad inputs."""
 import pytest
 import torch
 
-from compress.distill import forward_kl, hidden_mse, reverse_kl, topk_kl
+from compress.distillation import forward_kl, hidden_mse, reverse_kl, topk_kl
 from compress.errors import ConfigError
 
 

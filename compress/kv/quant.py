@@ -1,6 +1,6 @@
 """KV-cache quantization primitives: pure functions on tensors, no cache bookkeeping.
 
-The storage layout here is the contract between the cache (``kv_cache.py``), the PyTorch
+The storage layout here is the contract between the cache (``cache.py``), the PyTorch
 reference attention and the Triton decode-attention kernel (``compress/kernels/decode_attention*``).
 All tensors are (B, H, T, D): batch, KV heads, tokens, head_dim.
 

@@ -7,9 +7,9 @@ import torch
 from compress.errors import ConfigError
 from compress.evaluation import generation_agreement, perplexity_of_windows, perplexity_through_cache
 from compress.kv import kv_cache
-from compress.quant import kv_quant as kq
-from compress.quant.kv_cache import QuantizedKVCache
-from compress.quant.kv_config import KVCacheConfig, dense_bytes_per_token
+from compress.kv import quant as kq
+from compress.kv.cache import QuantizedKVCache
+from compress.kv.config import KVCacheConfig, dense_bytes_per_token
 from conftest import VOCAB, tiny_model
 
 

@@ -19,12 +19,12 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicCache
 
-from .errors import ConfigError
-from .kernels.dequant_linear import check_backend, resolve_backend
-from .modeling import find_decoder_layers
-from .quant.kv_cache import QuantizedKVCache, attention_geometry
-from .quant.kv_config import KVCacheConfig
-from .quant.kv_quant import FP8_MAX, QuantizedKV, rotate
+from ..errors import ConfigError
+from ..kernels.dequant_linear import check_backend, resolve_backend
+from ..modeling import find_decoder_layers
+from .cache import QuantizedKVCache, attention_geometry
+from .config import KVCacheConfig
+from .quant import FP8_MAX, QuantizedKV, rotate
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def kv_attention(module: nn.Module, query: torch.Tensor, key, value, attention_m
     ``QuantizedKV`` (one new token), SDPA otherwise. Returns (B, q_len, Hq, D) like the others."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from .kernels.decode_attention import decode_attention, layout_unsupported
+    from ..kernels.decode_attention import decode_attention, layout_unsupported
     if not isinstance(key, QuantizedKV):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)

@@ -9,7 +9,7 @@ under 1% of the parameters) recovers about as much as retraining every weight. A
 
 and the sparsity measured after the merge is the sparsity before it, zero for zero.
 
-This file holds the config, the adapter module and the merge math; ``lora_train.py`` holds the
+This file holds the config, the adapter module and the merge math; ``train.py`` holds the
 training loop (``retrain``) that wraps a model, trains and merges.
 """
 

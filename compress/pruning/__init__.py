@@ -1,4 +1,5 @@
-"""Pruning: make weights exactly zero (unstructured, N:M) or remove whole structures, then recover.
+"""Pruning: make weights exactly zero (unstructured, N:M) or remove whole structures (retraining
+with LoRA lives in ``compress.lora``, distillation in ``compress.distillation``).
 
 - ``config.py``        MagnitudeConfig, WandaConfig, SparseGPTConfig (one-shot unstructured / N:M)
 - ``masks.py``         pure functions: which weights to zero given a score (per row, per layer, N:M)
@@ -6,14 +7,11 @@
                        function sharing GPTQ's Hessian machinery and weight formats
 - ``apply.py``         the handler: walks the decoder layers with the calibration engine
 - ``structured.py``    StructuredConfig: remove MLP channels, attention heads, whole layers
-- ``lora.py``          LoRAConfig: PERP-style LoRA + norms retraining, merged under the mask
 - ``sparse_linear.py`` Sparse24Linear: the compact 2:4 layout (kept values + 2-bit positions)
 """
 
 from .config import MagnitudeConfig, PruneConfig, SparseGPTConfig, WandaConfig
-from .lora import LoRAConfig
-from .lora_train import RetrainResult, lora_retrain, retrain
 from .structured import StructuredConfig, StructuredRecord, prune_structured
 
 __all__ = ["MagnitudeConfig", "PruneConfig", "SparseGPTConfig", "WandaConfig", "StructuredConfig",
-           "StructuredRecord", "prune_structured", "LoRAConfig", "RetrainResult", "lora_retrain", "retrain"]
+           "StructuredRecord", "prune_structured"]
