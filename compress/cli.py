@@ -13,8 +13,13 @@ import logging
 import sys
 from pathlib import Path
 
+import yaml
+
 from . import __version__
+from .api import apply
 from .bench import BenchSettings, benchmark, calibrated_profile
+from .configs import config_from_dict, method_of, methods
+from .data import calibration_data
 from .checkpoint.inspect import format_inspection, inspect_checkpoint
 from .errors import CompressError, ConfigError
 from .evaluation import evaluate
@@ -22,14 +27,46 @@ from .kernels.dequant_linear import BACKENDS
 from .loading import load_model
 from .plan.command import add_plan_parser, run_plan
 from .plan.devices import add_devices_parser, run_devices, save_profile
-from .quant.config import GPTQConfig, RTNConfig
 from .quant.formats import SCHEMES
 from .kv.config import KV_SCHEMES, KVCacheConfig
 from .recipe import CalibrationSection, EvaluationSection, ExportSection, Recipe, load_recipe, run_recipe
 
 log = logging.getLogger("compress")
 
-_METHODS = {"gptq": GPTQConfig, "rtn": RTNConfig}
+
+
+def _method_names(area: str, exclude: tuple[str, ...] = ()) -> list[str]:
+    """The registered methods a subcommand offers (``--method``), read from the registry."""
+    return [m.name for m in methods(area) if m.name not in exclude]
+
+
+def _setting(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE (a config field and a YAML value), got {text!r}")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise argparse.ArgumentTypeError(f"--set {key}: {value!r} is not a YAML value ({exc})") from None
+
+
+def _method_config(method: str, flags: dict, settings: list[tuple[str, object]], where: str):
+    """The config of ``method`` from the subcommand's flags that are fields of its config (the others
+    do not apply to it) and the ``--set KEY=VALUE`` settings (any field; unknown keys are refused by
+    name). ``flags`` values of None are left at the config's default."""
+    fields = {f.name for f in dataclasses.fields(method_of(method).config)}
+    spec = {"method": method, **{k: v for k, v in flags.items() if k in fields and v is not None}}
+    spec.update(dict(settings))
+    return config_from_dict(spec, where)
+
+
+def _missing_data(command: str, passes) -> int | None:
+    """Exit code 2 with a message when a pass needs calibration data and --calib is missing."""
+    names = [p.method for p in passes if method_of(p).needs_data(p)]
+    if not names:
+        return None
+    print(f"compress {command}: error: {' and '.join(names)} need(s) --calib FILE (calibration text)", file=sys.stderr)
+    return 2
 
 
 def _group_size(text: str) -> int | None:
@@ -49,8 +86,11 @@ def _parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model's weights and export a checkpoint")
     q.add_argument("model", help="checkpoint directory, .gguf file, package:PKG/FILE or hub id")
-    q.add_argument("--method", choices=sorted(_METHODS) + ["none"], default="gptq",
-                   help="weight quantizer; 'none' leaves the weights alone (with --kv-cache: only the KV cache)")
+    q.add_argument("--method", choices=_method_names("quantize", exclude=(KVCacheConfig.method,)) + ["none"],
+                   default="gptq", help="weight quantizer (any registered quantization method); 'none' leaves the "
+                   "weights alone (with --kv-cache: only the KV cache)")
+    q.add_argument("--set", dest="settings", metavar="KEY=VALUE", type=_setting, action="append", default=[],
+                   help="any field of the method's config (repeatable), e.g. --set damp=0.05")
     q.add_argument("--scheme", choices=list(SCHEMES), default="int",
                    help="weight format: int (--bits/--group-size grid), nvfp4a16 (FP4 weights, FP8 scale per 16), "
                         "nvfp4 (W4A4: nvfp4a16 + activations, needs --calib), mxfp4 (FP4, E8M0 scale per 32)")
@@ -117,7 +157,9 @@ def _prune_parser(sub) -> None:
                                    "pruning (MLP channels, attention heads, layers removed), optionally retrain "
                                    "with mask-preserving LoRA, and export. See docs/pruning.md.")
     p.add_argument("model", help="checkpoint directory, .gguf file, package:PKG/FILE or hub id")
-    p.add_argument("--method", choices=["magnitude", "wanda", "sparsegpt", "structured"], default="wanda")
+    p.add_argument("--method", choices=_method_names("prune"), default="wanda", help="pruning method")
+    p.add_argument("--set", dest="settings", metavar="KEY=VALUE", type=_setting, action="append", default=[],
+                   help="any field of the method's config (repeatable), e.g. --set layer_sparsity='{lm_head: 0}'")
     p.add_argument("--sparsity", type=float, help="fraction of weights set to zero (default 0.5)")
     p.add_argument("--pattern", help="N:M pattern, e.g. 2:4 (keep N of every M consecutive inputs)")
     p.add_argument("--comparison", choices=["row", "layer"], default="row", help="unstructured: per row or per layer")
@@ -152,19 +194,14 @@ def _prune_parser(sub) -> None:
 
 
 def _prune_passes(args) -> list:
-    from .configs import config_from_dict
-    if args.method == "structured":
-        spec = {"method": "structured", "target": args.target, "ratio": args.ratio, "importance": args.importance}
-    else:
-        spec = {"method": args.method, "pattern": args.pattern, "comparison": args.comparison,
-                "ignore": list(args.ignore)}
-        if args.sparsity is not None:
-            spec["sparsity"] = args.sparsity
-        if args.bits is not None:
-            if args.method != "sparsegpt":
-                raise ConfigError("--bits (joint pruning + quantization) needs --method sparsegpt")
-            spec.update(bits=args.bits, group_size=args.group_size)
-    passes = [config_from_dict(spec, "command line")]
+    fields = {f.name for f in dataclasses.fields(method_of(args.method).config)}
+    if args.bits is not None and "bits" not in fields:
+        raise ConfigError(f"--bits (joint pruning + quantization) needs --method sparsegpt; --method "
+                          f"{args.method} has no bits")
+    flags = {"target": args.target, "ratio": args.ratio, "importance": args.importance, "pattern": args.pattern,
+             "comparison": args.comparison, "ignore": list(args.ignore), "sparsity": args.sparsity, "bits": args.bits,
+             "group_size": args.group_size if args.bits is not None else None}
+    passes = [_method_config(args.method, flags, args.settings, "command line")]
     if args.lora_steps:
         lora = {"method": "lora", "steps": args.lora_steps, "rank": args.lora_rank}
         if args.lora_lr is not None:
@@ -179,11 +216,8 @@ def _prune_passes(args) -> list:
 
 def _prune(args) -> int:
     passes = _prune_passes(args)
-    from .recipe import _needs_data
-    if not args.calib and any(_needs_data(p) for p in passes):
-        names = [p.method for p in passes if _needs_data(p)]
-        print(f"compress prune: error: {' and '.join(names)} need(s) --calib FILE (calibration text)", file=sys.stderr)
-        return 2
+    if not args.calib and (code := _missing_data("prune", passes)) is not None:
+        return code
     recipe = Recipe(model=args.model, dtype=args.dtype, device=args.device, backend=args.backend, passes=passes,
                     calibration=CalibrationSection(args.calib, args.calib_samples, args.seqlen, args.seed,
                                                    batch_size=args.batch_size) if args.calib else None,
@@ -274,17 +308,16 @@ def _quantize(args) -> int:
             print("compress quantize: error: --method none quantizes nothing; add --kv-cache SCHEME", file=sys.stderr)
             return 2
         return _run_passes(args, passes)
-    kwargs = dict(bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric,
-                  partial_groups=args.partial_groups, ignore=list(args.ignore), scheme=args.scheme)
-    if args.observer:
-        kwargs["observer"] = args.observer
-    if args.method == "gptq":
-        kwargs.update(act_order=not args.no_act_order, damp=args.damp)
-    if not args.calib and (args.method == "gptq" or args.scheme == "nvfp4"):
-        what = "--method gptq" if args.method == "gptq" else "--scheme nvfp4 (W4A4 activation scales)"
+    flags = dict(bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric,
+                 partial_groups=args.partial_groups, ignore=list(args.ignore), scheme=args.scheme,
+                 observer=args.observer, act_order=not args.no_act_order, damp=args.damp)
+    cfg = _method_config(args.method, flags, args.settings, "command line")
+    if not args.calib and method_of(cfg).needs_data(cfg):
+        what = (f"--method {args.method}" if args.scheme != "nvfp4" or args.method == "gptq"
+                else "--scheme nvfp4 (W4A4 activation scales)")
         print(f"compress quantize: error: {what} needs --calib FILE (calibration text)", file=sys.stderr)
         return 2
-    return _run_passes(args, [_METHODS[args.method](**kwargs)] + passes)
+    return _run_passes(args, [cfg] + passes)
 
 
 def _run_passes(args, passes) -> int:
@@ -302,8 +335,6 @@ def _eval(args) -> int:
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
     kv = _kv_config(args)
     if kv is not None and kv.is_fp8 and args.calib:
-        from .api import apply
-        from .data import calibration_data
         apply(model, kv, calibration_data(tok, args.calib, samples=32, seqlen=args.seqlen),
               progress=not (args.quiet or args.json))
     result = evaluate(model, tok, args.data, seqlen=args.seqlen, max_windows=args.max_windows,

@@ -1,9 +1,16 @@
-"""Typed, versioned method configs and the one registry that maps method names onto them.
+"""Typed, versioned method configs and the one registry of methods.
 
-Every method (``gptq``, ``rtn``, later ``wanda``, ``sparsegpt`` ...) is a dataclass deriving from
-``MethodConfig``. A recipe pass ``{"method": "gptq", "bits": 4}`` maps one-to-one onto
-``GPTQConfig(bits=4)``; unknown keys are rejected by name, values are type-checked, and
-``to_dict``/``from_dict`` round-trip.
+Every method (``gptq``, ``rtn``, ``wanda``, ``lora`` ...) is a dataclass deriving from ``MethodConfig``
+plus one ``register_method`` call beside its handler, which says everything the rest of compress needs
+to know about it: its name (the config's ``method``), the handler that applies it, which entry call
+takes it (``area``), whether a given config needs calibration data, which statistics it collects in
+the layer walk, and which extra options the recipe runner must hand its handler. ``compress.apply``,
+``compress.quantize``/``prune``/``distill``, the CLI and recipes read this registry and nothing else::
+
+    register_method(GPTQConfig, quantize_weights, area="quantize", statistics="hessian")
+
+A recipe pass ``{"method": "gptq", "bits": 4}`` maps one-to-one onto ``GPTQConfig(bits=4)``; unknown
+keys are rejected by name, values are type-checked, and ``to_dict``/``from_dict`` round-trip.
 """
 
 from __future__ import annotations
@@ -12,26 +19,101 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from .errors import ConfigError
 
-_REGISTRY: dict[str, type[MethodConfig]] = {}
+# Which public entry call accepts a method's configs (``compress.apply`` accepts all of them):
+# quantize -> compress.quantize, prune -> compress.prune, distill -> compress.distill; retrain has none.
+AREAS = ("quantize", "prune", "retrain", "distill")
+# What a method may observe in the layer walk (informational; the method builds its own statistics).
+STATISTICS = (None, "input", "hessian", "activation", "layer")
+# Options the recipe runner knows how to supply, beyond the engine's (device, batch_size, progress):
+# teacher: the uncompressed model or its cached targets; state_path: a file for resumable training state.
+RUNNER_OPTIONS = ("teacher", "state_path")
+
+# handler(model, cfg, calib, *, device, batch_size, progress, **options) -> records (a dict per module,
+# or an object with ``to_dict``)
+Handler = Callable[..., Any]
 
 
-def register_method(cls: type[MethodConfig]) -> type[MethodConfig]:
-    """Class decorator: make ``cls`` reachable by its ``method`` name. Duplicates are an error."""
-    name = cls.method
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One registered method: what api, CLI and recipe know about it."""
+
+    name: str
+    config: type[MethodConfig]
+    handler: Handler
+    area: str
+    needs_data: Callable[[MethodConfig], bool]
+    statistics: str | None = None
+    options: tuple[str, ...] = ()
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register_method(config: type[MethodConfig], handler: Handler, *, area: str,
+                    needs_data: bool | Callable[[MethodConfig], bool] = True, statistics: str | None = None,
+                    options: tuple[str, ...] = ()) -> Method:
+    """Register ``config``'s method once: its handler, its entry ``area`` (one of AREAS), whether a
+    config needs calibration data (a bool, or a function of the config), the ``statistics`` it
+    collects (one of STATISTICS) and the runner ``options`` its handler takes (from RUNNER_OPTIONS).
+    Registering a name or a config type twice is an error."""
+    if not (isinstance(config, type) and issubclass(config, MethodConfig)):
+        raise TypeError(f"register_method takes a MethodConfig subclass, got {config!r}")
+    name = config.method
     if not name:
-        raise TypeError(f"{cls.__name__} has no `method` name")
-    if name in _REGISTRY:
-        raise TypeError(f"method {name!r} is registered twice ({_REGISTRY[name].__name__} and {cls.__name__})")
-    _REGISTRY[name] = cls
-    return cls
+        raise TypeError(f"{config.__name__} has no `method` name (set the class variable `method`)")
+    if name in _METHODS:
+        raise TypeError(f"method {name!r} is registered twice ({_METHODS[name].config.__name__} and "
+                        f"{config.__name__})")
+    if any(m.config is config for m in _METHODS.values()):
+        raise TypeError(f"{config.__name__} is registered already")
+    if not callable(handler):
+        raise TypeError(f"the handler of {name!r} must be callable, got {handler!r}")
+    if area not in AREAS:
+        raise TypeError(f"area of {name!r} must be one of {AREAS}, got {area!r}")
+    if statistics not in STATISTICS:
+        raise TypeError(f"statistics of {name!r} must be one of {STATISTICS}, got {statistics!r}")
+    unknown = [o for o in options if o not in RUNNER_OPTIONS]
+    if unknown:
+        raise TypeError(f"options {unknown} of {name!r} are not supplied by the runner; known: {RUNNER_OPTIONS}")
+    needs = needs_data if callable(needs_data) else (lambda cfg, value=bool(needs_data): value)
+    method = Method(name, config, handler, area, needs, statistics, tuple(options))
+    _METHODS[name] = method
+    return method
+
+
+def unregister_method(name: str) -> None:
+    """Remove a registration (for tests and plugins that register temporarily)."""
+    _METHODS.pop(name, None)
+
+
+def method_of(cfg: MethodConfig | type | str) -> Method:
+    """The registration of a config, config type or method name; ConfigError when there is none."""
+    if isinstance(cfg, str):
+        found = _METHODS.get(cfg)
+        what = repr(cfg)
+    else:
+        cls = cfg if isinstance(cfg, type) else type(cfg)
+        found = next((m for m in _METHODS.values() if m.config is cls), None)
+        what = cls.__name__
+    if found is None:
+        raise ConfigError(f"no registered method for {what}; known methods: {sorted(_METHODS)} "
+                          f"(register one with compress.configs.register_method)")
+    return found
+
+
+def methods(area: str | None = None) -> list[Method]:
+    """The registered methods, in registration order; only those of ``area`` when given."""
+    return [m for m in _METHODS.values() if area is None or m.area == area]
 
 
 def registered_methods() -> dict[str, type[MethodConfig]]:
-    return dict(_REGISTRY)
+    """Method name -> config type, for every registered method."""
+    return {name: m.config for name, m in _METHODS.items()}
 
 
 def config_from_dict(data: dict[str, Any], where: str = "config") -> MethodConfig:
@@ -40,12 +122,12 @@ def config_from_dict(data: dict[str, Any], where: str = "config") -> MethodConfi
         raise ConfigError(f"{where}: expected a mapping with a 'method' key, got {type(data).__name__}")
     method = data.get("method")
     if method is None:
-        raise ConfigError(f"{where}: missing 'method'; one of {sorted(_REGISTRY)}")
-    if method not in _REGISTRY:
-        raise ConfigError(f"{where}: unknown method {method!r}{_suggest(str(method), _REGISTRY)}; "
-                          f"known methods: {sorted(_REGISTRY)}")
+        raise ConfigError(f"{where}: missing 'method'; one of {sorted(_METHODS)}")
+    if method not in _METHODS:
+        raise ConfigError(f"{where}: unknown method {method!r}{_suggest(str(method), _METHODS)}; "
+                          f"known methods: {sorted(_METHODS)}")
     rest = {k: v for k, v in data.items() if k != "method"}
-    return _REGISTRY[method].from_dict(rest, where=f"{where} ({method})")
+    return _METHODS[method].config.from_dict(rest, where=f"{where} ({method})")
 
 
 @dataclasses.dataclass

@@ -16,8 +16,20 @@
    c. The outputs of the compressed layer become the next layer's inputs.
    d. The method finalizes the layer (e.g. swaps in packed modules).
 
-A method plugs in with four calls: ``is_target(name, module)``, ``new_stats(module)`` (an object
-with ``add(x)``), ``solve(names, modules, stats)`` and ``finalize(layer, prefix, names)``.
+Before 2a, a method may transform the layer (``prepare_layer``): rescale a norm and the linears it
+feeds (SmoothQuant, AWQ), rotate, and so on. It runs before anything is traced or observed, in both
+paths, and may itself run the layer's calibration inputs through the layer (``LayerInputs``), so
+every statistic the solve sees comes from the transformed layer and the two paths agree.
+
+``compress_layers`` is the one driver every weight method calls: the walk above when the method
+uses data, otherwise a data-free walk (one layer onloaded at a time, fused siblings such as q/k/v
+solved together), then the targets outside the decoder layers (e.g. an untied lm_head), which no
+calibration input reaches. A method plugs in with ``LayerMethod``'s calls: ``is_target(name,
+module)``, ``new_stats(module)`` (an object with ``add(x)``), ``solve(names, modules, stats)``
+(stats is None without data), ``finalize(layer, prefix, names)`` and, optionally,
+``prepare_layer(layer, prefix, inputs)``. Shared helpers: ``select_linears`` (target selection:
+ignore patterns, tied weights, shape checks) and ``write_rows`` (a stacked solve's rows written
+back to each linear).
 """
 
 from __future__ import annotations
@@ -26,31 +38,21 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import DataError
-from .modeling import find_decoder_layers, module_device, onloaded
+from .errors import ConfigError, DataError
+from .modeling import (find_decoder_layers, fused_groups, module_device, name_matches, onloaded,
+                       tied_parameter_names)
 
 log = logging.getLogger(__name__)
 
 # Activation memory the engine may use per forward chunk before it splits the samples.
 DEFAULT_CHUNK_BYTES = 4 << 30
-
-
-class LayerwiseMethod(Protocol):
-    name: str
-
-    def is_target(self, name: str, module: nn.Module) -> bool: ...
-
-    def new_stats(self, module: nn.Module) -> Any: ...
-
-    def solve(self, names: list[str], modules: list[nn.Module], stats: Any) -> None: ...
-
-    def finalize(self, root: nn.Module, prefix: str, names: list[str]) -> None: ...
 
 
 class _StopForward(Exception):
@@ -61,11 +63,154 @@ class _StopForward(Exception):
 Chunk = tuple[torch.Tensor, tuple, dict]
 
 
+class LayerMethod:
+    """What the engine calls on a method; subclass and override. ``targets`` maps the full names of
+    the modules the method compresses onto them (``select_linears`` builds it for linears)."""
+
+    name: str = "method"
+    targets: dict[str, nn.Module]
+
+    def is_target(self, name: str, module: nn.Module) -> bool:
+        return name in self.targets
+
+    def prepare_layer(self, layer: nn.Module, prefix: str, inputs: LayerInputs | None) -> None:
+        """Transform ``layer`` before any of its targets is observed. ``inputs``: its calibration
+        inputs (None in the data-free walk)."""
+
+    def new_stats(self, module: nn.Module) -> Any:
+        """A fresh statistics object (with ``add(x)``, ``x`` the module's input) for a group whose
+        first module is ``module``."""
+        raise NotImplementedError(f"{type(self).__name__} observes no statistics")
+
+    def solve(self, names: list[str], modules: list[nn.Module], stats: Any) -> None:
+        """Compress the modules that read one input (full ``names``), from ``stats`` (None: no data)."""
+        raise NotImplementedError
+
+    def finalize(self, root: nn.Module, prefix: str, names: list[str]) -> None:
+        """After the layer's groups are solved: ``names`` relative to ``root``, full name = prefix + name."""
+
+
+# The interface as a type (kept for callers that annotate with it).
+LayerwiseMethod = LayerMethod
+
+
+class LayerInputs:
+    """The calibration inputs of one decoder layer, as ``prepare_layer`` sees them."""
+
+    def __init__(self, layer: nn.Module, chunks: list[Chunk]):
+        self.layer, self.chunks = layer, chunks
+
+    def observe(self, modules: dict[str, nn.Module], new_stats: Callable[[nn.Module], Any]) -> dict[str, Any]:
+        """Run every chunk through the layer as it is now, feeding each module's input to its own
+        statistics (``new_stats(module)``, an object with ``add(x)``); a chunk's forward stops once
+        every module has seen it. Returns name -> statistics."""
+        stats = {name: new_stats(module) for name, module in modules.items()}
+        seen: set[str] = set()
+
+        def hook(module, args, kwargs, name):
+            stats[name].add(_input_of(args, kwargs))
+            seen.add(name)
+            if len(seen) == len(stats):
+                raise _StopForward
+
+        handles = [m.register_forward_pre_hook(lambda m, a, k, n=name: hook(m, a, k, n), with_kwargs=True)
+                   for name, m in modules.items()]
+        try:
+            for chunk in self.chunks:
+                seen.clear()
+                try:
+                    _run_layer(self.layer, chunk)
+                except _StopForward:
+                    pass
+        finally:
+            for h in handles:
+                h.remove()
+        return stats
+
+    def outputs(self) -> list[torch.Tensor]:
+        """The layer's output hidden states for every chunk, as the layer is now."""
+        return [_run_layer(self.layer, chunk)[0] for chunk in self.chunks]
+
+
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def run_layerwise(model: nn.Module, calib, method: LayerwiseMethod, *, device: torch.device | str | None = None,
+def compress_layers(model: nn.Module, method: LayerMethod, calib=None, *, device: torch.device | str | None = None,
+                    batch_size: int | None = None, progress: bool = True) -> None:
+    """Apply ``method`` to every target of ``model``: layer by layer with ``calib`` (``run_layerwise``),
+    or without data when ``calib`` is None; then the targets outside the decoder layers, which no
+    calibration input reaches, each solved without data."""
+    dev = torch.device(device) if device is not None else default_device()
+    if calib is not None:
+        run_layerwise(model, calib, method, device=dev, batch_size=batch_size, progress=progress)
+    else:
+        _walk_without_data(model, method, dev, progress)
+    layers_name, _ = find_decoder_layers(model)
+    outside = [(n, m) for n, m in model.named_modules()
+               if n != layers_name and not n.startswith(layers_name + ".") and method.is_target(n, m)]
+    for name, module in outside:
+        if calib is not None:
+            log.info("%s lies outside the decoder layers; no calibration input reaches it", name)
+        with onloaded(module, dev):
+            method.solve([name], [module], None)
+            method.finalize(model, "", [name])
+
+
+def _walk_without_data(model: nn.Module, method: LayerMethod, device: torch.device, progress: bool) -> None:
+    layers_name, layers = find_decoder_layers(model)
+    for i, layer in enumerate(tqdm(layers, desc=f"{method.name} layers", unit="layer", disable=not progress)):
+        prefix = f"{layers_name}.{i}."
+        with onloaded(layer, device):
+            prepare = getattr(method, "prepare_layer", None)
+            if prepare is not None:
+                prepare(layer, prefix, None)
+            names = [n for n, m in layer.named_modules() if method.is_target(prefix + n, m)]
+            if not names:
+                continue
+            # Linears that read one input (q/k/v; gate/up) are solved together, as with data.
+            for group in fused_groups(names):
+                method.solve([prefix + n for n in group], [layer.get_submodule(n) for n in group], None)
+            method.finalize(layer, prefix, names)
+
+
+def select_linears(model: nn.Module, ignore: list[str], *, verb: str, left: str,
+                   check: Callable[[str, nn.Linear], bool] | None = None, after: str = "") -> dict[str, nn.Linear]:
+    """Every ``nn.Linear`` of ``model`` a weight method targets: not matching ``ignore``, not sharing
+    its weight with another module (tied embeddings: warned about, left ``left``), and accepted by
+    ``check(name, module)`` (which may also raise a ConfigError for a shape the method cannot take).
+    ``verb`` ("quantize", "prune") and ``after`` word the error when nothing is left."""
+    tied = tied_parameter_names(model)
+    targets = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or name_matches(name, ignore):
+            continue
+        if name in tied:
+            log.warning("%s shares its weight with another module (tied embeddings); left %s", name, left)
+            continue
+        if check is None or check(name, module):
+            targets[name] = module
+    if not targets:
+        raise ConfigError(f"no nn.Linear layer of {type(model).__name__} is left to {verb} after "
+                          f"ignore={ignore}{after}")
+    return targets
+
+
+def write_rows(modules: list[nn.Module], weight: torch.Tensor) -> list[slice]:
+    """Write a stacked solve's ``weight`` (sum of out_features, in) back into each module's weight,
+    in order, cast to its dtype; returns each module's row slice of ``weight``."""
+    slices, row = [], 0
+    for module in modules:
+        rows = slice(row, row + module.weight.shape[0])
+        row = rows.stop
+        module.weight.data.copy_(weight[rows].to(module.weight.dtype))
+        slices.append(rows)
+    if row != weight.shape[0]:
+        raise ValueError(f"stacked weight has {weight.shape[0]} rows, the modules {row}")
+    return slices
+
+
+def run_layerwise(model: nn.Module, calib, method: LayerMethod, *, device: torch.device | str | None = None,
                   batch_size: int | None = None, progress: bool = True) -> None:
     """Walk ``model``'s decoder layers with the calibration samples, letting ``method`` observe and
     compress each. ``batch_size`` = samples per forward chunk (default: all that fit in
@@ -86,6 +231,9 @@ def run_layerwise(model: nn.Module, calib, method: LayerwiseMethod, *, device: t
             layer = layers[i]
             prefix = f"{layers_name}.{i}."
             with onloaded(layer, device):
+                prepare = getattr(method, "prepare_layer", None)     # optional for duck-typed methods
+                if prepare is not None:
+                    prepare(layer, prefix, LayerInputs(layer, chunks))
                 targets = {name: m for name, m in layer.named_modules() if method.is_target(prefix + name, m)}
                 if targets:
                     groups = trace_groups(layer, chunks[0], targets)
@@ -212,7 +360,7 @@ def trace_groups(layer: nn.Module, chunk: Chunk, targets: dict[str, nn.Module]) 
     return ordered + [[n] for n in missing]
 
 
-def _solve_in_one_pass(layer, chunk: Chunk, groups, targets, method: LayerwiseMethod, prefix: str) -> Chunk:
+def _solve_in_one_pass(layer, chunk: Chunk, groups, targets, method: LayerMethod, prefix: str) -> Chunk:
     handles = []
     solved: set[int] = set()
     for gi, group in enumerate(groups):
@@ -233,7 +381,7 @@ def _solve_in_one_pass(layer, chunk: Chunk, groups, targets, method: LayerwiseMe
     return out
 
 
-def _solve_group_by_group(layer, chunks: list[Chunk], groups, targets, method: LayerwiseMethod, prefix: str) -> None:
+def _solve_group_by_group(layer, chunks: list[Chunk], groups, targets, method: LayerMethod, prefix: str) -> None:
     for group in groups:
         first = targets[group[0]]
         stats = method.new_stats(first)
@@ -254,4 +402,5 @@ def _solve_group_by_group(layer, chunks: list[Chunk], groups, targets, method: L
         method.solve([prefix + n for n in group], [targets[n] for n in group], stats)
 
 
-__all__ = ["run_layerwise", "capture_layer_inputs", "trace_groups", "LayerwiseMethod", "module_device"]
+__all__ = ["compress_layers", "run_layerwise", "capture_layer_inputs", "trace_groups", "LayerMethod", "LayerInputs",
+           "select_linears", "write_rows", "module_device"]

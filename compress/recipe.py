@@ -31,7 +31,7 @@ from .api import apply
 from .checkpoint.export import export
 from .checkpoint.safetensors_io import weights_bytes
 from .checkpoint.sparse_layout import check_layout
-from .configs import MethodConfig, build_dataclass, config_from_dict
+from .configs import MethodConfig, build_dataclass, config_from_dict, method_of
 from .data import calibration_data
 from .errors import ConfigError, MissingPathError
 from .evaluation import evaluate
@@ -39,10 +39,8 @@ from .kernels.dequant_linear import check_backend
 from .loading import load_model
 from .report import Report, StageRow, summarize
 from .runtime import set_backend
-from .distillation.config import DistillConfig
 from .distillation.teacher import compute_targets
 from .engine import default_device
-from .lora.adapters import LoRAConfig
 from .workdir import WorkDir
 
 log = logging.getLogger(__name__)
@@ -163,16 +161,7 @@ def recipe_from_dict(data: Any, where: str = "recipe", base_dir: Path = Path("."
 
 
 def _needs_data(cfg: MethodConfig) -> bool:
-    # RTN needs no data, except NVFP4 W4A4, whose activation scale comes from calibration; a KV
-    # cache needs data only for its fp8 scales.
-    # Magnitude pruning and weight-norm / random structured pruning need none.
-    if cfg.method == "kv_cache":
-        return getattr(cfg, "scheme", "") == "fp8"
-    if cfg.method == "structured":
-        return getattr(cfg, "importance", "activation") == "activation"
-    if cfg.method == "rtn":      # W4A4 anywhere in the pass (its own scheme or a per-layer override)
-        return any(c.scheme == "nvfp4" for c in cfg.resolved_configs())
-    return cfg.method != "magnitude"
+    return method_of(cfg).needs_data(cfg)
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -235,10 +224,11 @@ def _run_pass(i: int, cfg: MethodConfig, model, tok, recipe: Recipe, teachers: d
     """Apply pass ``i``, add its row, checkpoint it in the work directory, evaluate it."""
     start = time.perf_counter()
     calib = _calibration_for(cfg, recipe, tok, calib_cache)
+    takes = method_of(cfg).options
     options = {}
-    if isinstance(cfg, LoRAConfig) and work is not None:      # LoRA and distillation: resumable training
+    if "state_path" in takes and work is not None:        # resumable training (LoRA, distillation)
         options["state_path"] = work.train_state_path(i)
-    if isinstance(cfg, DistillConfig):
+    if "teacher" in takes:
         options["teacher"] = teachers.get(i) or _teacher_model(recipe)
     records = apply(model, cfg, calib, device=recipe.device,
                     batch_size=recipe.calibration.batch_size if recipe.calibration else None, progress=progress,
@@ -295,8 +285,8 @@ def _prepare_teachers(recipe: Recipe, model, tok, first: int, work: WorkDir | No
     as it is before the first pass (or, on a resumed run, read back from the work directory; when
     they are gone the recipe's model is loaded again to compute them)."""
     out: dict[int, object] = {}
-    todo = [(i, cfg) for i, cfg in enumerate(recipe.passes) if i >= first and isinstance(cfg, DistillConfig)
-            and cfg.teacher == "cache"]
+    todo = [(i, cfg) for i, cfg in enumerate(recipe.passes) if i >= first and "teacher" in method_of(cfg).options
+            and getattr(cfg, "teacher", None) == "cache"]
     teacher = model if first == 0 else None
     for i, cfg in todo:
         path = work.teacher_path(i) if work is not None else None

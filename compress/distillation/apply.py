@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..configs import register_method
 from ..engine import default_device
 from ..errors import ConfigError
 from ..modeling import find_decoder_layers, set_module
@@ -236,3 +237,6 @@ def distill_pass(model: nn.Module, cfg: DistillConfig, calib=None, *, device=Non
                           "uncompressed model, or its TeacherTargets>); recipes provide it themselves")
     return distill(model, cfg, calib, teacher=teacher, device=device, progress=progress,
                    micro_batch_size=batch_size, state_path=state_path)
+
+
+register_method(DistillConfig, distill_pass, area="distill", options=("teacher", "state_path"))

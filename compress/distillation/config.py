@@ -5,12 +5,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from ..configs import register_method
 from ..errors import ConfigError
 from ..lora.adapters import LoRAConfig
 
 
-@register_method
 @dataclasses.dataclass
 class DistillConfig(LoRAConfig):
     """Train the compressed model's LoRA adapters (plus norms and biases) to match its teacher.

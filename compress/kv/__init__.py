@@ -7,9 +7,9 @@
                     ``compress_kv`` attention function that decodes on the quantized bytes
 """
 
-from .attention import apply_kv_cache, attention_modules, kv_cache, kv_config_of, kv_scales_of, set_kv_scales
+from .attention import CONFIG_KEY, apply_kv_cache, attention_modules, kv_cache, kv_config_of, kv_scales_of, set_kv_scales
 from .cache import QuantizedKVCache
 from .config import KV_SCHEMES, KVCacheConfig
 
-__all__ = ["KVCacheConfig", "KV_SCHEMES", "QuantizedKVCache", "apply_kv_cache", "attention_modules", "kv_cache",
+__all__ = ["CONFIG_KEY", "KVCacheConfig", "KV_SCHEMES", "QuantizedKVCache", "apply_kv_cache", "attention_modules", "kv_cache",
            "kv_config_of", "kv_scales_of", "set_kv_scales"]

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicCache
 
+from ..configs import register_method
 from ..errors import ConfigError
 from ..kernels.dequant_linear import check_backend, resolve_backend
 from ..modeling import find_decoder_layers
@@ -189,3 +190,6 @@ def _all_visible(mask: torch.Tensor) -> bool:
     if mask.dtype == torch.bool:
         return bool(mask.all())
     return bool((mask == 0).all())
+
+
+register_method(KVCacheConfig, apply_kv_cache, area="quantize", needs_data=lambda cfg: cfg.is_fp8, statistics="layer")

@@ -7,14 +7,13 @@ from typing import Literal
 
 import torch
 
-from ..configs import MethodConfig, register_method
+from ..configs import MethodConfig
 from ..errors import ConfigError
 from .quant import SCALE_DTYPE
 
 KV_SCHEMES = ("fp8", "int8", "int4", "int2")
 
 
-@register_method
 @dataclasses.dataclass
 class KVCacheConfig(MethodConfig):
     """How keys and values are stored while generating (a ``kv_cache`` pass in a recipe).

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..configs import MethodConfig, register_method
+from ..configs import MethodConfig
 from ..errors import ConfigError
 from ..modeling import find_decoder_layers, name_matches, set_module
 from ..quant.packed import PackedLinear
@@ -31,7 +31,6 @@ from ..quant.packed import PackedLinear
 SCHEDULES = ("cosine", "constant", "linear")
 
 
-@register_method
 @dataclasses.dataclass
 class LoRAConfig(MethodConfig):
     """Parameter-efficient retraining of a (pruned) model: LoRA on the linears, norms, biases.

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..engine import check_seqlen, default_device
+from ..configs import register_method
 from ..errors import ConfigError
 from ..modeling import onloaded, set_module
 from .adapters import LoRAConfig, LoRALinear, base_weight, is_norm, merged_weight, unwrap_lora, wrap_lora
@@ -383,3 +384,6 @@ def lora_retrain(model: nn.Module, cfg: LoRAConfig, calib=None, *, device=None, 
     change the step."""
     return retrain(model, cfg, calib, device=device, progress=progress, micro_batch_size=batch_size,
                    state_path=state_path)
+
+
+register_method(LoRAConfig, lora_retrain, area="retrain", options=("state_path",))

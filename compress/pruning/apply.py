@@ -1,6 +1,7 @@
 """Apply magnitude, Wanda or SparseGPT to a model: pick the target linears, score and prune them
-(through the calibration engine when data is needed) and, for SparseGPT's joint solve, swap in
-packed ``QuantLinear`` modules."""
+through the engine's driver (layer by layer with calibration data for Wanda and SparseGPT) and, for
+SparseGPT's joint solve, swap in packed ``QuantLinear`` modules. The three methods are registered
+at the bottom."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ from collections import defaultdict
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..engine import default_device, run_layerwise
+from ..configs import register_method
+from ..engine import LayerMethod, compress_layers, select_linears, write_rows
 from ..errors import ConfigError
-from ..modeling import find_decoder_layers, get_module, name_matches, onloaded, set_module, tied_parameter_names
+from ..modeling import get_module, name_matches, set_module
 from ..quant.formats import IntFormat
 from ..quant.grid import check_group_size
 from ..quant.linear import QuantLinear
@@ -40,8 +41,8 @@ class PruneRecord:
     fallback: str | None = None
 
 
-class Pruner:
-    """The handler of the one-shot pruning configs, in the shape the calibration engine expects."""
+class Pruner(LayerMethod):
+    """The engine method of the one-shot pruning configs."""
 
     def __init__(self, model: nn.Module, cfg: PruneConfig):
         self.cfg = cfg
@@ -49,7 +50,8 @@ class Pruner:
         self.records: dict[str, PruneRecord] = {}
         self._quant: dict[str, object] = {}
         self.joint = isinstance(cfg, SparseGPTConfig) and cfg.bits is not None
-        self.targets = self._select_targets(model)       # name -> sparsity
+        self.sparsity: dict[str, float] = {}             # target name -> its sparsity
+        self.targets = self._select_targets(model)
 
     def sparsity_for(self, name: str) -> float:
         for pattern, value in self.cfg.layer_sparsity.items():
@@ -57,35 +59,26 @@ class Pruner:
                 return float(value)
         return self.cfg.target_sparsity
 
-    def _select_targets(self, model: nn.Module) -> dict[str, float]:
-        tied = tied_parameter_names(model)
+    def _select_targets(self, model: nn.Module) -> dict[str, nn.Linear]:
         nm = self.cfg.nm
-        targets = {}
-        for name, module in model.named_modules():
-            if not isinstance(module, nn.Linear) or name_matches(name, self.cfg.ignore):
-                continue
-            if name in tied:
-                log.warning("%s shares its weight with another module (tied embeddings); left dense", name)
-                continue
+
+        def check(name: str, module: nn.Linear) -> bool:
             sparsity = self.sparsity_for(name)
             if sparsity == 0:
-                continue
+                return False
             if nm is not None and module.in_features % nm[1]:
                 raise ConfigError(f"pattern {self.cfg.pattern!r} groups {nm[1]} inputs, but in_features "
                                   f"{module.in_features} of {name} is not a multiple of {nm[1]}; add "
                                   f"{name!r} to ignore (it stays dense)")
             if self.joint:
                 check_group_size(name, module.in_features, self.cfg.group_size, self.cfg.partial_groups)
-            targets[name] = sparsity
-        if not targets:
-            raise ConfigError(f"no nn.Linear layer of {type(model).__name__} is left to prune after "
-                              f"ignore={self.cfg.ignore} and layer_sparsity={self.cfg.layer_sparsity}")
-        return targets
+            self.sparsity[name] = sparsity
+            return True
+
+        return select_linears(model, self.cfg.ignore, verb="prune", left="dense", check=check,
+                              after=f" and layer_sparsity={self.cfg.layer_sparsity}")
 
     # --- the engine's interface -------------------------------------------------------------
-    def is_target(self, name: str, module: nn.Module) -> bool:
-        return name in self.targets
-
     def new_stats(self, module: nn.Linear) -> HessianStats | InputStats:
         stats = HessianStats if isinstance(self.cfg, SparseGPTConfig) else InputStats
         return stats(module.in_features, device=module.weight.device)
@@ -99,14 +92,14 @@ class Pruner:
         stackable = self.cfg.nm is not None or self.cfg.comparison == "row"
         batches: dict[object, list[int]] = defaultdict(list)
         for i, name in enumerate(names):
-            batches[(self.targets[name], modules[i].in_features) if stackable else i].append(i)
+            batches[(self.sparsity[name], modules[i].in_features) if stackable else i].append(i)
         for members in batches.values():
             self._solve_stacked([names[i] for i in members], [modules[i] for i in members], stats, has_data)
 
     def _solve_stacked(self, names, modules, stats, has_data: bool) -> None:
         weight = torch.cat([m.weight.detach() for m in modules], dim=0)      # (sum of rows, in)
         dtype = modules[0].weight.dtype
-        sparsity = self.targets[names[0]]
+        sparsity = self.sparsity[names[0]]
         fallback, quant = None, None
         if isinstance(self.cfg, SparseGPTConfig) and has_data:
             fmt = IntFormat(self.cfg.bits, self.cfg.group_size, True, self.cfg.observer, dtype) if self.joint else None
@@ -126,11 +119,7 @@ class Pruner:
                 codes, deq = fmt.quantize(new, params)
                 new = deq * keep
                 quant = fmt.result(codes, params, new, loss)
-        row = 0
-        for name, module in zip(names, modules):
-            rows = slice(row, row + module.out_features)
-            row += module.out_features
-            module.weight.data.copy_(new[rows].to(dtype))
+        for name, module, rows in zip(names, modules, write_rows(modules, new)):
             if quant is not None:
                 self._quant[name] = (quant.codes[rows], quant.scale[rows])
             self.records[name] = PruneRecord(name, tuple(module.weight.shape), sparsity,
@@ -157,28 +146,19 @@ def prune_weights(model: nn.Module, cfg: PruneConfig, calib=None, *, device=None
         raise ConfigError(f"prune_weights takes a pruning config, got {type(cfg).__name__}")
     pruner = Pruner(model, cfg)
     start = time.perf_counter()
-    layers_name, layers = find_decoder_layers(model)
-    dev = torch.device(device) if device is not None else default_device()
-    if isinstance(cfg, (WandaConfig, SparseGPTConfig)):
-        if calib is None:
-            raise ConfigError(f"{cfg.method} needs calibration data: pass calib=compress.calibration_data("
-                              f"tokenizer, TEXT_FILE, samples=..., seqlen=...) (CLI: --calib FILE); "
-                              f"magnitude pruning needs none")
-        run_layerwise(model, calib, pruner, device=device, batch_size=batch_size, progress=progress)
-    else:
-        for i, layer in enumerate(tqdm(layers, desc=f"{cfg.method} layers", unit="layer", disable=not progress)):
-            prefix = f"{layers_name}.{i}."
-            names = [n for n, _ in layer.named_modules() if prefix + n in pruner.targets]
-            with onloaded(layer, dev):
-                pruner.solve([prefix + n for n in names], [layer.get_submodule(n) for n in names], None)
-                pruner.finalize(layer, prefix, names)
-    done = set(pruner.records)
-    for name in [n for n in pruner.targets if n not in done]:     # outside the decoder layers (lm_head)
-        with onloaded(get_module(model, name), dev):
-            pruner.solve([name], [get_module(model, name)], None)
-            pruner.finalize(model, "", [name])
+    data = not isinstance(cfg, MagnitudeConfig)
+    if data and calib is None:
+        raise ConfigError(f"{cfg.method} needs calibration data: pass calib=compress.calibration_data("
+                          f"tokenizer, TEXT_FILE, samples=..., seqlen=...) (CLI: --calib FILE); "
+                          f"magnitude pruning needs none")
+    compress_layers(model, pruner, calib if data else None, device=device, batch_size=batch_size, progress=progress)
     total = sum(r.shape[0] * r.shape[1] for r in pruner.records.values())
     zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in pruner.records.values())
     log.info("%s: %d linears pruned to %.2f%% sparsity in %.1f s", cfg.method, len(pruner.records),
              100 * zeros / max(total, 1), time.perf_counter() - start)
     return pruner.records
+
+
+register_method(MagnitudeConfig, prune_weights, area="prune", needs_data=False)
+register_method(WandaConfig, prune_weights, area="prune", statistics="input")
+register_method(SparseGPTConfig, prune_weights, area="prune", statistics="hessian")

@@ -11,7 +11,7 @@ import dataclasses
 import re
 from typing import Literal
 
-from ..configs import MethodConfig, register_method
+from ..configs import MethodConfig
 from ..errors import ConfigError
 
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -91,7 +91,6 @@ class PruneConfig(MethodConfig):
         return what + ("" if self.pattern or self.comparison == "row" else " per layer")
 
 
-@register_method
 @dataclasses.dataclass
 class MagnitudeConfig(PruneConfig):
     """Magnitude pruning: zero the weights of smallest |W|. Needs no calibration data; the
@@ -100,7 +99,6 @@ class MagnitudeConfig(PruneConfig):
     method = "magnitude"
 
 
-@register_method
 @dataclasses.dataclass
 class WandaConfig(PruneConfig):
     """Wanda (Sun et al., 2023): score |W_ij| * ||X_j||_2, the weight times the L2 norm of its
@@ -110,7 +108,6 @@ class WandaConfig(PruneConfig):
     method = "wanda"
 
 
-@register_method
 @dataclasses.dataclass
 class SparseGPTConfig(PruneConfig):
     """SparseGPT (Frantar & Alistarh, 2023): prune one column block at a time by the OBS saliency

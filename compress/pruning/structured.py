@@ -35,10 +35,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..configs import MethodConfig, register_method
-from ..engine import default_device, run_layerwise
+from ..engine import LayerMethod, compress_layers, default_device, run_layerwise
 from ..errors import ConfigError
 from ..modeling import find_decoder_layers, onloaded
 
@@ -57,7 +56,6 @@ IMPORTANCES = ("activation", "weight", "random")
 HEAD_MODES = ("kv_groups", "query")
 
 
-@register_method
 @dataclasses.dataclass
 class StructuredConfig(MethodConfig):
     """Structured pruning: make the model smaller by removing whole units. One target per pass
@@ -343,9 +341,9 @@ def _layers_remove(cfg: StructuredConfig, n_layers: int) -> int:
 
 # --- the pruner: scores each layer's units and slices them -------------------------------------------
 
-class StructuredPruner:
-    """Target "mlp" or "heads": the engine's method interface when calibrating, and the same
-    ``prune_layer`` for data-free importance."""
+class StructuredPruner(LayerMethod):
+    """Target "mlp" or "heads": the engine method. With importance "activation" it observes the
+    input of each layer's down_proj / o_proj; each layer is ranked and sliced in ``finalize``."""
 
     def __init__(self, model: nn.Module, cfg: StructuredConfig):
         self.cfg = cfg
@@ -384,6 +382,8 @@ class StructuredPruner:
 
     def solve(self, names: list[str], modules: list[nn.Module], stats) -> None:
         # Observe only: the layer must finish its forward at full width (see the module docstring).
+        if self.cfg.importance != "activation":
+            return                                  # weight / random scores need no statistics
         if stats is None or stats.tokens == 0:
             raise RuntimeError(f"{names[0]} received no calibration input; cannot rank its units")
         self._stats[names[0]] = stats
@@ -516,7 +516,7 @@ def _layer_scores(model: nn.Module, cfg: StructuredConfig, calib, device, batch_
     return (turned / tokens.clamp(min=1)).float()
 
 
-class _NoTargets:
+class _NoTargets(LayerMethod):
     """An engine method that targets nothing: the walk alone, for the layer hooks above."""
 
     name = "structured layers"
@@ -593,13 +593,8 @@ def prune_structured(model: nn.Module, cfg: StructuredConfig, calib=None, *, dev
         records = _prune_layers(model, cfg, calib, device, batch_size, progress)
     else:
         pruner = StructuredPruner(model, cfg)
-        if cfg.importance == "activation":
-            run_layerwise(model, calib, pruner, device=device, batch_size=batch_size, progress=progress)
-        else:
-            bar = tqdm(pruner.layers, desc=pruner.name, unit="layer", disable=not progress)
-            for i, layer in enumerate(bar):
-                with onloaded(layer, device):
-                    pruner.prune_layer(layer, f"{pruner.layers_name}.{i}")
+        compress_layers(model, pruner, calib if cfg.importance == "activation" else None, device=device,
+                        batch_size=batch_size, progress=progress)
         if len(pruner.records) != len(pruner.layers):
             raise RuntimeError(f"structured pruning reached {len(pruner.records)} of {len(pruner.layers)} layers")
         pruner.update_config()
@@ -613,3 +608,7 @@ def prune_structured(model: nn.Module, cfg: StructuredConfig, calib=None, *, dev
 
 
 __all__ = ["StructuredConfig", "StructuredRecord", "prune_structured", "keep_top"]
+
+
+register_method(StructuredConfig, prune_structured, area="prune",
+                needs_data=lambda cfg: cfg.importance == "activation", statistics="activation")

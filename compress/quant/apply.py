@@ -1,5 +1,6 @@
-"""Apply RTN or GPTQ to a model: pick the target linears, solve them (through the calibration
-engine when data is needed), and swap each for a packed ``QuantLinear``."""
+"""Apply RTN or GPTQ to a model: pick the target linears, solve them through the engine's driver
+(layer by layer with calibration data when the config needs it), and swap each for a packed
+``QuantLinear`` / ``FP4Linear``. The "rtn" and "gptq" methods are registered at the bottom."""
 
 from __future__ import annotations
 
@@ -9,15 +10,14 @@ import time
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..engine import default_device, run_layerwise
+from ..configs import register_method
+from ..engine import LayerMethod, compress_layers, select_linears, write_rows
 from ..errors import ConfigError
 from ..kernels.fp4_linear import BLOCK
-from ..modeling import (find_decoder_layers, fused_groups, get_module, name_matches, onloaded, set_module,
-                        tied_parameter_names)
+from ..modeling import get_module, set_module
 from ..stats import HessianStats, InputStats
-from .config import GPTQConfig, IntWeightConfig
+from .config import GPTQConfig, IntWeightConfig, RTNConfig
 from .grid import check_group_size
 from .fp4 import nvfp4_global_scale
 from .formats import make_format
@@ -44,8 +44,8 @@ class ModuleRecord:
     fallback: str | None
 
 
-class IntWeightQuantizer:
-    """The handler for RTNConfig and GPTQConfig, in the shape the calibration engine expects.
+class IntWeightQuantizer(LayerMethod):
+    """The engine method of RTNConfig and GPTQConfig.
 
     Every per-module decision reads that module's resolved config (``cfg.for_module(name)``, which
     applies the pass's ``overrides``)."""
@@ -61,14 +61,7 @@ class IntWeightQuantizer:
         self.targets = self._select_targets(model)
 
     def _select_targets(self, model: nn.Module) -> dict[str, nn.Linear]:
-        tied = tied_parameter_names(model)
-        targets = {}
-        for name, module in model.named_modules():
-            if not isinstance(module, nn.Linear) or name_matches(name, self.cfg.ignore):
-                continue
-            if name in tied:
-                log.warning("%s shares its weight with another module (tied embeddings); left unquantized", name)
-                continue
+        def check(name: str, module: nn.Linear) -> bool:
             cfg = self.cfg.for_module(name)
             try:
                 _check_shape(name, module, cfg)
@@ -77,11 +70,10 @@ class IntWeightQuantizer:
                 if pattern is None:
                     raise
                 raise ConfigError(f"overrides[{pattern!r}]: {exc}") from None
-            targets[name] = module
             self.module_cfgs[name] = cfg
-        if not targets:
-            raise ConfigError(f"no nn.Linear layer of {type(model).__name__} is left to quantize after "
-                              f"ignore={self.cfg.ignore}")
+            return True
+
+        targets = select_linears(model, self.cfg.ignore, verb="quantize", left="unquantized", check=check)
         used = {self.cfg.override_for(name) for name in targets}
         unused = [p for p in self.cfg.overrides if p not in used]
         if unused:
@@ -90,9 +82,6 @@ class IntWeightQuantizer:
         return targets
 
     # --- the engine's interface -------------------------------------------------------------
-    def is_target(self, name: str, module: nn.Module) -> bool:
-        return name in self.targets
-
     def new_stats(self, module: nn.Linear) -> HessianStats | InputStats:
         # RTN (calibrated only for NVFP4 W4A4's input scale) needs no Hessian.
         stats = HessianStats if isinstance(self.cfg, GPTQConfig) else InputStats
@@ -143,16 +132,11 @@ class IntWeightQuantizer:
             result = rtn_solve(weight, cfg, dtype, stats.diag if stats is not None else None, fmt=fmt)
         if result.fallback:
             log.warning("%s: %s", ", ".join(names), result.fallback)
-        row = 0
-        for name, module in zip(names, modules):
-            rows = slice(row, row + module.out_features)
-            row += module.out_features
-            part = QuantResult(result.codes[rows], result.scale[rows],
-                               None if result.zero_point is None else result.zero_point[rows],
-                               result.weight[rows], result.loss, result.damp, result.fallback,
-                               result.global_scale)
-            module.weight.data.copy_(part.weight.to(dtype))
-            self._results[name] = part
+        for name, module, rows in zip(names, modules, write_rows(modules, result.weight)):
+            self._results[name] = QuantResult(result.codes[rows], result.scale[rows],
+                                              None if result.zero_point is None else result.zero_point[rows],
+                                              result.weight[rows], result.loss, result.damp, result.fallback,
+                                              result.global_scale)
             if stats is not None:
                 self._input_amax[name] = stats.amax
             self.records[name] = ModuleRecord(name, tuple(module.weight.shape), result.loss, result.damp,
@@ -222,36 +206,29 @@ def _shared_nvfp4_global_scales(parts) -> dict[str, torch.Tensor]:
     return {scheme: nvfp4_global_scale(torch.stack(a).amax()) for scheme, a in amax.items() if counts[scheme] > 1}
 
 
+def needs_data(cfg: IntWeightConfig) -> bool:
+    """GPTQ solves on the Hessian of calibration inputs; RTN needs data only for NVFP4 W4A4's
+    activation scale, in its own scheme or a per-layer override."""
+    return isinstance(cfg, GPTQConfig) or any(c.scheme == "nvfp4" for c in cfg.resolved_configs())
+
+
 def quantize_weights(model: nn.Module, cfg: IntWeightConfig, calib=None, *, device=None,
                      batch_size: int | None = None, progress: bool = True) -> dict[str, ModuleRecord]:
-    """Quantize every target linear of ``model`` in place. GPTQ needs ``calib``; RTN ignores it."""
+    """Quantize every target linear of ``model`` in place. GPTQ (and NVFP4 W4A4) need ``calib``;
+    otherwise it is ignored."""
     quantizer = IntWeightQuantizer(model, cfg)
     start = time.perf_counter()
-    layers_name, layers = find_decoder_layers(model)
-    outside = [n for n in quantizer.targets if not n.startswith(layers_name + ".")]
-    w4a4 = [n for n, c in quantizer.module_cfgs.items() if c.scheme == "nvfp4"]
-    if isinstance(cfg, GPTQConfig) or w4a4:
-        if calib is None:
-            what = "GPTQ" if isinstance(cfg, GPTQConfig) else \
-                f"scheme 'nvfp4' (W4A4: the activations' range; {len(w4a4)} linear(s), e.g. {w4a4[0]})"
-            raise ConfigError(f"{what} needs calibration data: pass calib=compress.calibration_data(tokenizer, "
-                              "TEXT_FILE, samples=..., seqlen=...) (CLI: --calib FILE)")
-        run_layerwise(model, calib, quantizer, device=device, batch_size=batch_size, progress=progress)
-    else:
-        device = torch.device(device) if device is not None else default_device()
-        for i, layer in enumerate(tqdm(layers, desc=f"{cfg.method} layers", unit="layer", disable=not progress)):
-            prefix = f"{layers_name}.{i}."
-            names = [n for n, _ in layer.named_modules() if prefix + n in quantizer.targets]
-            with onloaded(layer, device):
-                # q/k/v and gate/up are solved stacked, so they share a per-tensor (NVFP4) scale.
-                for group in fused_groups(names):
-                    quantizer.solve([prefix + n for n in group], [layer.get_submodule(n) for n in group], None)
-                quantizer.finalize(layer, prefix, names)
-    for name in outside:                      # e.g. lm_head when not ignored: no layer inputs captured
-        if isinstance(cfg, GPTQConfig):
-            log.warning("%s lies outside the decoder layers; quantized with round-to-nearest", name)
-        with onloaded(get_module(model, name), default_device() if device is None else torch.device(device)):
-            quantizer.solve([name], [get_module(model, name)], None)
-            quantizer.finalize(model, "", [name])
+    if needs_data(cfg) and calib is None:
+        w4a4 = [n for n, c in quantizer.module_cfgs.items() if c.scheme == "nvfp4"]
+        what = "GPTQ" if isinstance(cfg, GPTQConfig) else \
+            f"scheme 'nvfp4' (W4A4: the activations' range; {len(w4a4)} linear(s), e.g. {w4a4[0]})"
+        raise ConfigError(f"{what} needs calibration data: pass calib=compress.calibration_data(tokenizer, "
+                          "TEXT_FILE, samples=..., seqlen=...) (CLI: --calib FILE)")
+    compress_layers(model, quantizer, calib if needs_data(cfg) else None, device=device, batch_size=batch_size,
+                    progress=progress)
     log.info("%s: %d linears quantized in %.1f s", cfg.method, len(quantizer.records), time.perf_counter() - start)
     return quantizer.records
+
+
+register_method(RTNConfig, quantize_weights, area="quantize", needs_data=needs_data, statistics="input")
+register_method(GPTQConfig, quantize_weights, area="quantize", statistics="hessian")

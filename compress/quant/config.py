@@ -6,7 +6,7 @@ import dataclasses
 import typing
 from typing import Any, Literal
 
-from ..configs import MethodConfig, check_type, register_method
+from ..configs import MethodConfig, check_type
 from ..errors import ConfigError
 from ..modeling import name_matches
 from .formats import SCHEMES
@@ -118,7 +118,6 @@ class IntWeightConfig(MethodConfig):
             raise ConfigError(f"{where}: {exc}") from None
 
 
-@register_method
 @dataclasses.dataclass
 class RTNConfig(IntWeightConfig):
     """Round-to-nearest: each weight rounded onto its group's grid, no calibration data."""
@@ -126,7 +125,6 @@ class RTNConfig(IntWeightConfig):
     method = "rtn"
 
 
-@register_method
 @dataclasses.dataclass
 class GPTQConfig(IntWeightConfig):
     """GPTQ (Frantar et al., 2022): quantize one input column at a time and push the error onto

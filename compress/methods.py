@@ -1,0 +1,21 @@
+"""The built-in methods. Each module below registers its methods (``compress.configs.register_method``)
+beside its handler; importing this module makes them all known to api, CLI and recipes.
+
+    rtn, gptq           compress/quant/apply.py
+    kv_cache            compress/kv/attention.py
+    magnitude, wanda,   compress/pruning/apply.py
+    sparsegpt
+    structured          compress/pruning/structured.py
+    lora                compress/lora/train.py
+    distill             compress/distillation/apply.py
+
+A method of your own registers the same way, from your code: ``register_method(MyConfig, my_handler,
+area="quantize")``; see docs/methods.md.
+"""
+
+from .distillation import apply as _distillation  # noqa: F401
+from .kv import attention as _kv  # noqa: F401
+from .lora import train as _lora  # noqa: F401
+from .pruning import apply as _pruning  # noqa: F401
+from .pruning import structured as _structured  # noqa: F401
+from .quant import apply as _quant  # noqa: F401
