@@ -53,6 +53,7 @@ class IntWeightQuantizer(LayerMethod):
     def __init__(self, model: nn.Module, cfg: IntWeightConfig):
         self.cfg = cfg
         self.name = cfg.method
+        self.gptq = isinstance(cfg, GPTQConfig)           # solve on the Hessian; else round to nearest
         self.records: dict[str, ModuleRecord] = {}
         self._results: dict[str, QuantResult] = {}
         self._input_amax: dict[str, torch.Tensor] = {}      # W4A4: max |input| seen in calibration
@@ -84,7 +85,7 @@ class IntWeightQuantizer(LayerMethod):
     # --- the engine's interface -------------------------------------------------------------
     def new_stats(self, module: nn.Linear) -> HessianStats | InputStats:
         # RTN (calibrated only for NVFP4 W4A4's input scale) needs no Hessian.
-        stats = HessianStats if isinstance(self.cfg, GPTQConfig) else InputStats
+        stats = HessianStats if self.gptq else InputStats
         return stats(module.in_features, device=module.weight.device)
 
     def solve(self, names: list[str], modules: list[nn.Linear], stats: HessianStats | None) -> None:
@@ -99,11 +100,11 @@ class IntWeightQuantizer(LayerMethod):
             if cfg.scheme == "nvfp4" and input_amax is None:
                 raise ConfigError(f"{name}: scheme 'nvfp4' (W4A4) needs the activations' range from "
                                   f"calibration data; pass calib= (CLI: --calib FILE)")
-        if isinstance(self.cfg, GPTQConfig) and not calibrated:
+        if self.gptq and not calibrated:
             log.warning("%s received no calibration input; quantized with round-to-nearest", names[0])
         weight = torch.cat([m.weight.detach() for m in modules], dim=0)
         # A pruned fused group keeps its zeros as a whole, whatever formats its parts get.
-        keep_zeros = (isinstance(self.cfg, GPTQConfig) and self.cfg.keep_sparsity
+        keep_zeros = (self.gptq and self.cfg.keep_sparsity
                       and float((weight == 0).float().mean()) >= MIN_PRUNED_FRACTION)
         parts = _split_by_config(names, modules, cfgs)
         if len(parts) > 1 and not self._warned_split:
@@ -125,7 +126,7 @@ class IntWeightQuantizer(LayerMethod):
         fmt = make_format(cfg, dtype)
         if global_scale is not None:
             fmt.global_scale = global_scale
-        if stats is not None and isinstance(cfg, GPTQConfig):
+        if stats is not None and self.gptq:
             result = gptq_solve(stats.hessian, weight, cfg, scale_dtype=dtype, fmt=fmt,
                                 keep=weight != 0 if keep_zeros else None)
         else:
