@@ -39,9 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _matmul_benchmark():
-    """benchmarks/kernels.py, loaded by path (benchmarks/ is not a package): its timer, L2 size and
+    """benchmarks/linear_kernels.py, loaded by path (benchmarks/ is not a package): its timer, L2 size and
     copy-bandwidth helpers are shared, so both benchmarks time the same way."""
-    spec = importlib.util.spec_from_file_location("compress_bench_kernels", ROOT / "benchmarks" / "kernels.py")
+    spec = importlib.util.spec_from_file_location("compress_bench_kernels", ROOT / "benchmarks" / "linear_kernels.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -18,7 +18,7 @@ activations included), the bandwidth as a fraction of a measured device-to-devic
 relative error against the PyTorch reference (checked once per row). Targets at M = 1: 2:4 bf16 at
 least 1.5x bf16, 2:4 int4 at least 4x.
 
-Fairness as in benchmarks/kernels.py (whose timer, L2 size and copy-bandwidth helpers this script
+Fairness as in benchmarks/linear_kernels.py (whose timer, L2 size and copy-bandwidth helpers this script
 loads): every variant runs inside CUDA graphs (``--no-graphs`` for eager launches) and rotates over
 enough weight copies (>= 4x the L2 size) that every call reads its weights from device memory.
 Our kernels are autotuned for each shape before timing. Prints a table and writes JSON (default
@@ -39,16 +39,16 @@ import torch
 
 from compress.kernels.dequant_linear import dequant_linear, dequant_linear_reference, triton_unsupported
 from compress.kernels.sparse24_linear import (CANONICAL_NIBBLES, sparse24_linear, sparse24_linear_reference)
-from compress.quant.packing import packed_words
+from compress.kernels.packing import packed_words
 from compress.report import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _matmul_benchmark():
-    """benchmarks/kernels.py, loaded by path (benchmarks/ is not a package): its timer, L2 size and
+    """benchmarks/linear_kernels.py, loaded by path (benchmarks/ is not a package): its timer, L2 size and
     copy-bandwidth helpers are shared, so every kernel benchmark times the same way."""
-    spec = importlib.util.spec_from_file_location("compress_bench_kernels", ROOT / "benchmarks" / "kernels.py")
+    spec = importlib.util.spec_from_file_location("compress_bench_kernels", ROOT / "benchmarks" / "linear_kernels.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -11,7 +11,7 @@
     model2, tok2 = compress.load_model("out/smollm2-w4g64")
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 from .api import apply, distill, prune, quantize  # noqa: E402
 from .bench import BenchResult, BenchSettings, benchmark  # noqa: E402

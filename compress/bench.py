@@ -33,12 +33,15 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import StaticCache
 
 from .engine import default_device
 from .errors import ConfigError, ModelLoadError
 from .kernels.dequant_linear import check_backend
 from .loading import load_model, resolve_dtype, resolve_source
 from .modeling import set_module
+from .plan.cost import Workload, formats_of, model_shape, predict
+from .plan.devices import load_profile
 from .quant.packed import PackedLinear
 from .report import machine
 
@@ -256,7 +259,6 @@ class StaticDecoder:
     is what lets one step be captured in a CUDA graph and replayed."""
 
     def __init__(self, model: nn.Module, max_len: int):
-        from transformers import StaticCache
         self.model = model
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         self.next_ids: torch.Tensor | None = None           # (batch, 1) int64
@@ -402,7 +404,6 @@ def attach_prediction(m: Measurement, model: nn.Module, profile, settings: Bench
     """Fill ``m``'s predicted seconds from the planner's cost model for ``model`` on ``profile``
     (a DeviceProfile): prefill of batch x prompt_len, and new_tokens decode steps at the mean
     context they see. Models the cost model does not cover are skipped with a warning."""
-    from .plan.cost import Workload, formats_of, model_shape, predict
     try:
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         shape = model_shape(model, dtype)
@@ -448,7 +449,6 @@ def benchmark(checkpoint: str | os.PathLike, *, baseline: str | os.PathLike | No
     model, shown next to it; None: no prediction.
     """
     if isinstance(profile, str):
-        from .plan.devices import load_profile
         profile = load_profile(profile)
     settings = settings or BenchSettings()
     check_backend(backend)

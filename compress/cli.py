@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from . import __version__
+from .version import __version__
 from .api import apply
 from .bench import BenchSettings, benchmark, calibrated_profile
 from .configs import config_from_dict, method_of, methods
@@ -26,8 +26,8 @@ from .evaluation import evaluate
 from .kernels.dequant_linear import BACKENDS
 from .loading import load_model
 from .plan.command import add_plan_parser, run_plan
-from .plan.devices import add_devices_parser, run_devices, save_profile
-from .quant.formats import SCHEMES
+from .plan.devices import add_devices_parser, load_profile, match_local_profile, run_devices, save_profile
+from .formats import SCHEMES
 from .kv.config import KV_SCHEMES, KVCacheConfig
 from .recipe import CalibrationSection, EvaluationSection, ExportSection, Recipe, load_recipe, run_recipe
 
@@ -53,9 +53,10 @@ def _setting(text: str) -> tuple[str, object]:
 def _method_config(method: str, flags: dict, settings: list[tuple[str, object]], where: str):
     """The config of ``method`` from the subcommand's flags that are fields of its config (the others
     do not apply to it) and the ``--set KEY=VALUE`` settings (any field; unknown keys are refused by
-    name). ``flags`` values of None are left at the config's default."""
+    name). A flag the user did not give is left out of ``flags`` by the caller (None can be a real
+    value: ``--group-size channel``)."""
     fields = {f.name for f in dataclasses.fields(method_of(method).config)}
-    spec = {"method": method, **{k: v for k, v in flags.items() if k in fields and v is not None}}
+    spec = {"method": method, **{k: v for k, v in flags.items() if k in fields}}
     spec.update(dict(settings))
     return config_from_dict(spec, where)
 
@@ -199,8 +200,11 @@ def _prune_passes(args) -> list:
         raise ConfigError(f"--bits (joint pruning + quantization) needs --method sparsegpt; --method "
                           f"{args.method} has no bits")
     flags = {"target": args.target, "ratio": args.ratio, "importance": args.importance, "pattern": args.pattern,
-             "comparison": args.comparison, "ignore": list(args.ignore), "sparsity": args.sparsity, "bits": args.bits,
-             "group_size": args.group_size if args.bits is not None else None}
+             "comparison": args.comparison, "ignore": list(args.ignore)}
+    if args.sparsity is not None:
+        flags["sparsity"] = args.sparsity
+    if args.bits is not None:
+        flags.update(bits=args.bits, group_size=args.group_size)
     passes = [_method_config(args.method, flags, args.settings, "command line")]
     if args.lora_steps:
         lora = {"method": "lora", "steps": args.lora_steps, "rank": args.lora_rank}
@@ -310,7 +314,9 @@ def _quantize(args) -> int:
         return _run_passes(args, passes)
     flags = dict(bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric,
                  partial_groups=args.partial_groups, ignore=list(args.ignore), scheme=args.scheme,
-                 observer=args.observer, act_order=not args.no_act_order, damp=args.damp)
+                 act_order=not args.no_act_order, damp=args.damp)
+    if args.observer:
+        flags["observer"] = args.observer
     cfg = _method_config(args.method, flags, args.settings, "command line")
     if not args.calib and method_of(cfg).needs_data(cfg):
         what = (f"--method {args.method}" if args.scheme != "nvfp4" or args.method == "gptq"
@@ -397,7 +403,6 @@ def _bench(args) -> int:
 
 def _bench_profile(args):
     """The profile `compress bench` predicts with: named, matched to this machine, or none."""
-    from .plan.devices import load_profile, match_local_profile
     if args.profile == "none":
         return None
     if args.profile != "auto":

@@ -19,11 +19,15 @@ import time
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from .data import windows
 from .engine import check_seqlen
 from .errors import ConfigError
+# Aliased: evaluate() and generate() take a ``kv_cache`` argument.
+from .kv.attention import kv_cache as quantized_cache
 from .kv.config import KVCacheConfig
+from .kv.model import kv_config_of
 from .modeling import module_device
 
 
@@ -80,9 +84,6 @@ def perplexity_through_cache(model: nn.Module, ids: torch.Tensor, kv: KVCacheCon
     """Total NLL and predicted tokens over windows ``ids`` (n, seqlen), each batch fed through a
     fresh quantized cache ``chunk`` tokens per forward (kv None: transformers' full-precision
     DynamicCache, the control that must reproduce the plain forward's perplexity)."""
-    from transformers import DynamicCache
-
-    from .kv import kv_cache
     if chunk < 1:
         raise ConfigError(f"kv_chunk must be >= 1, got {chunk}")
     device = _input_device(model)
@@ -92,7 +93,7 @@ def perplexity_through_cache(model: nn.Module, ids: torch.Tensor, kv: KVCacheCon
                disable=not progress)
     for batch in ids.split(batch_size):
         batch = batch.to(device)
-        cache = kv_cache(model, kv, backend=backend) if kv is not None else DynamicCache(config=model.config)
+        cache = quantized_cache(model, kv, backend=backend) if kv is not None else DynamicCache(config=model.config)
         for start in range(0, batch.shape[1] - 1, chunk):
             piece = batch[:, start:start + chunk]
             logits = model(input_ids=piece, past_key_values=cache, use_cache=True).logits  # (B, c, V)
@@ -113,7 +114,6 @@ def evaluate(model: nn.Module, tokenizer, data: str | os.PathLike, *, seqlen: in
     ``kv_cache``: a KVCacheConfig decodes the windows through that quantized cache, ``kv_chunk``
     tokens per step; None uses the config the model carries (after a ``kv_cache`` pass) if any;
     False forces the plain full-sequence forward."""
-    from .kv import kv_config_of
     start = time.perf_counter()
     check_seqlen(model, seqlen)
     kv = kv_config_of(model) if kv_cache is None else (kv_cache or None)
@@ -146,8 +146,7 @@ def generate(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int = 32,
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     extra = {}
     if kv_cache is not None:
-        from .kv import kv_cache as new_cache
-        extra["past_key_values"] = new_cache(model, kv_cache)
+        extra["past_key_values"] = quantized_cache(model, kv_cache)
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, **extra)
     return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
@@ -188,7 +187,6 @@ def _greedy(model: nn.Module, prompt: torch.Tensor, cache, steps: int,
 @torch.no_grad()
 def float_continuation(model: nn.Module, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """(B, new_tokens) greedy tokens through transformers' full-precision DynamicCache."""
-    from transformers import DynamicCache
     return _greedy(model, prompts.to(_input_device(model)), DynamicCache(config=model.config), new_tokens)
 
 
@@ -200,7 +198,6 @@ def generation_agreement(model: nn.Module, prompts: torch.Tensor, kv: KVCacheCon
     next token of the float continuation from the float history: no compounding), and the
     free-running continuations' agreement and first divergence. ``reference``: the float
     continuation (``float_continuation``) when comparing several caches."""
-    from .kv import kv_cache
     start = time.perf_counter()
     prompts = prompts.to(_input_device(model))
     was_training = model.training
@@ -212,9 +209,9 @@ def generation_agreement(model: nn.Module, prompts: torch.Tensor, kv: KVCacheCon
             raise ConfigError(f"reference continuation has shape {tuple(ref.shape)}, expected "
                               f"{(prompts.shape[0], new_tokens)}")
         bar.update()
-        forced = _greedy(model, prompts, kv_cache(model, kv, backend=backend), new_tokens, forced=ref)
+        forced = _greedy(model, prompts, quantized_cache(model, kv, backend=backend), new_tokens, forced=ref)
         bar.update()
-        free = _greedy(model, prompts, kv_cache(model, kv, backend=backend), new_tokens)
+        free = _greedy(model, prompts, quantized_cache(model, kv, backend=backend), new_tokens)
         bar.update()
         bar.close()
     finally:

@@ -8,6 +8,8 @@ import re
 from collections.abc import Iterator
 
 import torch
+from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
+from accelerate.utils import named_module_tensors, set_module_tensor_to_device
 from torch import nn
 
 from .errors import ModelLoadError
@@ -104,9 +106,6 @@ def onloaded(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
 
 @contextlib.contextmanager
 def _materialized(modules: list[nn.Module], device: torch.device) -> Iterator[None]:
-    from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
-    from accelerate.utils import named_module_tensors, set_module_tensor_to_device
-
     saved = []
     for sub in modules:
         hook = sub._hf_hook

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import yaml
 
-from . import __version__
+from .version import __version__
 from .api import apply
 from .checkpoint.export import export
 from .checkpoint.safetensors_io import weights_bytes

@@ -100,3 +100,21 @@ def test_plan_latency_benchmark_tiny_on_cpu(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "home" / "devices" / "cpu-tiny.yaml").is_file()
     assert "within 15%" in capsys.readouterr().out
     assert bench.main(["--tiny", "--device", "cpu", "--formats", "int5"]) == 2
+
+
+def test_no_benchmark_script_shadows_an_importable_module():
+    """`python benchmarks/NAME.py` puts benchmarks/ first on sys.path, so a script named like a
+    package a dependency imports (transformers imports `kernels` when that package is installed)
+    would be imported in its place and break the run."""
+    import sys
+    scripts = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py"))
+
+    def installed(name: str) -> bool:        # importable from outside this checkout (tests/ is on sys.path)
+        spec = importlib.util.find_spec(name)
+        if spec is None:
+            return False
+        places = [spec.origin] if spec.origin else list(spec.submodule_search_locations or [])
+        return any(place and not Path(place).resolve().is_relative_to(ROOT) for place in places)
+
+    shadowing = [s for s in scripts if s in sys.stdlib_module_names or installed(s)]
+    assert not shadowing, f"benchmarks/{shadowing[0]}.py shadows an importable module; rename it"

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import compress
+from compress.checkpoint.load import load_compressed
 from compress.data import CalibrationData
 from compress.errors import ConfigError
 from compress.quant.linear import QuantLinear
@@ -103,6 +104,6 @@ def test_gptq_on_an_offloaded_model_matches_in_memory(tmp_path, calib_ids):
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=calib_ids).logits, reference(input_ids=calib_ids).logits)
     out = compress.export(model, None, tmp_path / "ck")
-    reloaded = compress.loading.load_compressed(out)
+    reloaded = load_compressed(out)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=calib_ids).logits, reference(input_ids=calib_ids).logits)

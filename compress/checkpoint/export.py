@@ -15,12 +15,13 @@ import tempfile
 from pathlib import Path
 
 import torch
+from accelerate.utils.modeling import get_state_dict_offloaded_model
 from torch import nn
 
-from .. import __version__
 from ..errors import CheckpointError
 from ..quant.grid import num_groups
 from ..quant.linear import QuantLinear
+from ..version import __version__
 from .adapter import CONFIG_KEY as ADAPTER_KEY
 from .adapter import adapter_replacements, write_adapters
 from .compressed_tensors import quantization_config
@@ -35,7 +36,6 @@ def checkpoint_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors to write: the model's state dict without the duplicate of tied weights."""
     state = model.state_dict()
     if any(t.is_meta for t in state.values()):                 # accelerate-offloaded: onload module by module
-        from accelerate.utils.modeling import get_state_dict_offloaded_model
         state = get_state_dict_offloaded_model(model)
     seen: dict[tuple, str] = {}
     out = {}

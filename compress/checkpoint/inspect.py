@@ -10,6 +10,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from ..errors import CheckpointError, MissingPathError
+from ..kv.config import KVCacheConfig
 from .adapter import CONFIG_KEY as ADAPTER_KEY
 from .adapter import summarize_adapter
 from .safetensors_io import check_directory, directory_bytes, read_header
@@ -218,7 +219,6 @@ def format_inspection(info: dict) -> str:
         lines.append(f"  dense      {'; '.join(describe_modules(info['ignore']))}")
     kv = info.get("kv_cache")
     if kv:
-        from ..kv.config import KVCacheConfig
         served = " (k_scale/v_scale + kv_cache_scheme for vLLM)" if info.get("kv_cache_scheme") else \
             " (compress runtime only)"
         lines.append(f"  kv cache   {KVCacheConfig.from_dict(dict(kv)).describe()}{served}")

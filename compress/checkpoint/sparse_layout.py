@@ -23,12 +23,12 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
+from ..kernels.packing import unpack_int32
 from ..kernels.sparse24_linear import pack_24
 from ..modeling import find_decoder_layers, get_module, set_module
 from ..pruning.masks import check_nm
 from ..pruning.sparse_linear import Sparse24Linear
 from ..quant.linear import DYNAMIC_ACTORDER, QuantLinear
-from ..quant.packing import unpack_int32
 
 log = logging.getLogger(__name__)
 

@@ -24,14 +24,14 @@ from torch import nn
 from ..configs import register_method
 from ..engine import default_device
 from ..errors import ConfigError
+from ..kernels.packing import unpack_int32
 from ..modeling import find_decoder_layers, set_module
-from ..lora.adapters import LoRALinear, select_targets
+from ..lora.adapters import LoRALinear, merge_lora, select_targets
 from ..lora.train import LOSS_WINDOW, RetrainResult, calibration_ids, retrain
 from ..quant.config import RTNConfig
 from ..quant.fp4_linear import FP4Linear
 from ..quant.grid import quantize
 from ..quant.linear import QuantLinear
-from ..quant.packing import unpack_int32
 from ..quant.packed import PackedLinear
 from ..quant.rtn import rtn_solve
 from .config import DistillConfig
@@ -176,7 +176,6 @@ def _teacher_source(teacher, cfg: DistillConfig, ids: torch.Tensor, layers: list
 def requantize_adapters(model: nn.Module) -> int:
     """Fold every LoRALinear around a packed base into its dequantized weight and round that onto
     the base's own format (fresh scales, round-to-nearest); dense bases merge plainly."""
-    from ..lora.adapters import merge_lora
     count = 0
     for name, module in list(model.named_modules()):
         if not isinstance(module, LoRALinear):

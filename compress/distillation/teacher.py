@@ -22,6 +22,9 @@ import os
 from pathlib import Path
 
 import torch
+from accelerate import cpu_offload
+from accelerate.hooks import remove_hook_from_submodules
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -149,7 +152,6 @@ class TeacherTargets:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TeacherTargets:
-        from safetensors import safe_open
         path = Path(path)
         try:
             with safe_open(str(path), "pt") as f:
@@ -214,7 +216,6 @@ class LiveTeacher:
         self.layers = resolve_layers(cfg.hidden_layers, len(layers)) if cfg.hidden else []
         self._hooked = False
         if device.type != "cpu" and module_device(model) != device:
-            from accelerate import cpu_offload
             cpu_offload(model, execution_device=device)
             self._hooked = True
 
@@ -228,6 +229,5 @@ class LiveTeacher:
 
     def close(self) -> None:
         if self._hooked:
-            from accelerate.hooks import remove_hook_from_submodules
             remove_hook_from_submodules(self.model)
             self._hooked = False

@@ -10,7 +10,17 @@ code, and a dispatcher that picks between them (``auto | torch | triton``).
 - ``sparse24_linear.py`` / ``sparse24_linear_triton.py``  y = x @ W^T + b for a 2:4 sparse weight in the
   compact layout (kept values or int4 codes + 2-bit positions): layout functions, reference, kernel
 
-Importing this package needs neither a GPU nor Triton; Triton is imported on first use.
+and the raw layouts they read:
+
+- ``packing.py``                int32 words of pack-quantized integer codes (compressed-tensors' order)
+- ``fp4_packing.py``            E2M1 / E8M0 codes and their nibble packing
+- ``int_grid.py``               the signed code range, group count and the one dequantize formula
+- ``hadamard.py``               the Walsh-Hadamard rotation of quantized-cache keys
+
+A leaf on raw tensors: this package imports torch, triton, the standard library and
+``compress.errors``, nothing else of compress (tests/test_structure.py holds it to that); quantizing,
+modules and checkpoints build on it. Importing this package needs neither a GPU nor Triton; Triton
+is imported on first use.
 """
 
 from .dequant_linear import BACKENDS, check_backend, dequant_linear, dequant_linear_reference

@@ -1,8 +1,9 @@
 """Decode attention over a quantized KV cache: one query token per sequence, reference and dispatch.
 
-The cache is a ``compress.kv.quant.QuantizedKV``: ``length`` quantized tokens (KIVI int8/4/2
-or FP8 E4M3) followed by a full-precision residual window. The reference dequantizes the whole
-cache with ``QuantizedKV.dequantize(unrotate=False)`` (so in the cache's dtype, exactly the tensors
+The cache is anything shaped like ``compress.kv.quant.QuantizedKV`` (``QuantizedKVLike``: the
+kernels read its tensors by attribute and never import the cache): ``length`` quantized tokens
+(KIVI int8/4/2 or FP8 E4M3) followed by a full-precision residual window. The reference dequantizes
+the whole cache with ``QuantizedKV.dequantize(unrotate=False)`` (so in the cache's dtype, exactly the tensors
 the model would see), rotates the query instead of un-rotating the keys when the keys are stored
 Hadamard-rotated, and computes ``softmax(q.k * scale) v`` in float32 over every cached token (no
 mask: a decoding token attends to the whole cache). It is the specification the Triton
@@ -17,19 +18,47 @@ when it cannot.
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 
 from ..errors import ConfigError
-from ..kv.quant import QuantizedKV, rotate
 from .dequant_linear import resolve_backend
+from .hadamard import rotate
 
 MIN_TOKENS_PER_SPLIT = 256     # below this a split's fixed cost (q load, partial store, combine) dominates
 PROGRAMS_PER_SM = 4            # flash-decoding target: about this many (batch, kv head, split) programs per SM
 CPU_SM_COUNT = 4               # what the split heuristic assumes off the GPU (interpreter tests)
 
 
-def _check_shapes(q: torch.Tensor, kv: QuantizedKV) -> tuple[int, int, int, int]:
+class QuantizedKVLike(Protocol):
+    """What decode attention reads of one layer's quantized cache, in the layout ``compress.kv.quant``
+    documents (``QuantizedKV`` is the container that has it): ``length`` quantized tokens, then the
+    residual window ``k_res``/``v_res`` (B, H, R, D); ``rotated`` keys are stored times the Hadamard
+    matrix. Integer caches set ``k_min``/``v_min``; fp8 ones (``fp8``) hold float32 scales per head."""
+
+    bits: int
+    fp8: bool
+    group_size: int
+    length: int
+    k_codes: torch.Tensor
+    k_scale: torch.Tensor
+    k_min: torch.Tensor | None
+    v_codes: torch.Tensor
+    v_scale: torch.Tensor
+    v_min: torch.Tensor | None
+    k_res: torch.Tensor
+    v_res: torch.Tensor
+    rotated: bool
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def dequantize(self, unrotate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, H, length + R, D) in the residual's dtype."""
+
+
+def _check_shapes(q: torch.Tensor, kv: QuantizedKVLike) -> tuple[int, int, int, int]:
     """(B, Hq, H, D), or a ValueError that says which tensor disagrees."""
     if q.dim() != 3:
         raise ValueError(f"decode attention takes one query token per sequence, q (B, Hq, D); got shape "
@@ -44,7 +73,7 @@ def _check_shapes(q: torch.Tensor, kv: QuantizedKV) -> tuple[int, int, int, int]
     return b, hq, h, d
 
 
-def decode_attention_reference(q: torch.Tensor, kv: QuantizedKV, scale: float) -> torch.Tensor:
+def decode_attention_reference(q: torch.Tensor, kv: QuantizedKVLike, scale: float) -> torch.Tensor:
     """(B, Hq, D) output for queries q (B, Hq, D); query head ``i`` reads KV head ``i // (Hq / H)``."""
     b, hq, h, d = _check_shapes(q, kv)
     if kv.rotated:
@@ -56,7 +85,7 @@ def decode_attention_reference(q: torch.Tensor, kv: QuantizedKV, scale: float) -
     return out.reshape(b, hq, d).to(q.dtype)
 
 
-def layout_unsupported(q: torch.Tensor, kv: QuantizedKV) -> str | None:
+def layout_unsupported(q: torch.Tensor, kv: QuantizedKVLike) -> str | None:
     """Why the Triton kernel cannot read this cache, or None when it can."""
     d = q.shape[-1]
     if d < 16 or d > 256 or d & (d - 1):
@@ -77,7 +106,7 @@ def layout_unsupported(q: torch.Tensor, kv: QuantizedKV) -> str | None:
     return None
 
 
-def resolve(backend: str, q: torch.Tensor, kv: QuantizedKV) -> str:
+def resolve(backend: str, q: torch.Tensor, kv: QuantizedKVLike) -> str:
     """``torch`` or ``triton`` for this call (the matmul kernels' rules, plus the cache layout)."""
     chosen = resolve_backend(backend, q, kv.bits)
     if chosen == "torch":
@@ -105,7 +134,7 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def decode_attention(q: torch.Tensor, kv: QuantizedKV, scale: float, *, backend: str = "auto",
+def decode_attention(q: torch.Tensor, kv: QuantizedKVLike, scale: float, *, backend: str = "auto",
                      num_splits: int | None = None) -> torch.Tensor:
     """softmax(q.k * scale) v for one query token per sequence: q (B, Hq, D) -> (B, Hq, D) in q.dtype.
 

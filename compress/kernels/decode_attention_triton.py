@@ -69,8 +69,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..kv.quant import QuantizedKV, rotate
-from .decode_attention import choose_num_splits, sm_count
+from .decode_attention import QuantizedKVLike, choose_num_splits, sm_count
+from .hadamard import rotate
 
 LOG2E = 1.4426950408889634
 FP8_FP16_SHIFT = tl.constexpr(256.0)   # the fp16 pattern of an E4M3 code holds e4m3 * 2^-8
@@ -316,7 +316,7 @@ def code_offset(dtype) -> int:
     return 1024 if dtype == tl.float16 else 0
 
 
-def default_block_n(kv: QuantizedKV, head_dim: int, q_dtype: torch.dtype) -> int:
+def default_block_n(kv: QuantizedKVLike, head_dim: int, q_dtype: torch.dtype) -> int:
     """Tokens per tile: 64 (32 at head_dim 256, 16 for float32 queries, whose exact dots run on the
     CUDA cores: bounds registers, no spills on sm_80/sm_90 except fp8 with float32 queries at
     head_dim >= 128), and never more than an integer key block, so that a tile lies in one block."""
@@ -342,7 +342,7 @@ def _head_scale(scale: torch.Tensor, heads: int) -> torch.Tensor:
     return (s.expand(heads) if s.numel() == 1 else s).contiguous()
 
 
-def _quant_args(q: torch.Tensor, kv: QuantizedKV, heads: int) -> tuple[list, list]:
+def _quant_args(q: torch.Tensor, kv: QuantizedKVLike, heads: int) -> tuple[list, list]:
     """(pointers kc, ks, km, vc, vs, vm), (strides codes b/h/t, key scales b/h/block, value scales b/h/t)."""
     n = kv.length
     if n == 0:
@@ -357,7 +357,7 @@ def _quant_args(q: torch.Tensor, kv: QuantizedKV, heads: int) -> tuple[list, lis
     return [kc, ks, km, vc, vs, vm], [*kc.stride()[:3], *ks.stride()[:3], *vs.stride()[:3]]
 
 
-def decode_attention(q: torch.Tensor, kv: QuantizedKV, scale: float, *, num_splits: int | None = None,
+def decode_attention(q: torch.Tensor, kv: QuantizedKVLike, scale: float, *, num_splits: int | None = None,
                      block_n: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """(B, Hq, D) attention output in q's dtype with two launches (splits, combine). ``num_splits``:
     sequence slices per (sequence, KV head), default ``choose_num_splits``; ``block_n`` forces the

@@ -1,7 +1,7 @@
 """y = x @ dequantize(W_packed)^T + b for pack-quantized integer weights: reference and dispatch.
 
 The reference unpacks the int32 words, applies ``(q - zp) * scale`` per group in float32 (the
-formula in ``compress.quant.grid.dequantize``), casts once to the activation dtype and calls
+formula in ``int_grid.dequantize``), casts once to the activation dtype and calls
 ``torch.nn.functional.linear``. It is the specification the Triton kernels
 (``dequant_linear_triton``) are tested against, and the path every CPU takes.
 
@@ -25,9 +25,9 @@ import os
 import torch
 
 from ..errors import ConfigError
-from ..quant.grid import dequantize
-from ..quant.packing import unpack_int32
 from . import tuning
+from .int_grid import dequantize
+from .packing import unpack_int32
 
 log = logging.getLogger(__name__)
 

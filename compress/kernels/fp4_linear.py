@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quant.fp4_packing import E2M1_VALUES
+from .fp4_packing import E2M1_VALUES
 from .dequant_linear import resolve_backend
 
 FP4_KINDS = ("nvfp4", "mxfp4")

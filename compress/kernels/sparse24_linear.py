@@ -14,7 +14,7 @@ a multiple of 8.
   row has its position in bits ``2 * (k % 4)`` of byte ``k // 4`` and sits in column
   ``4 * (k // 2) + position``.
 - int4: ``packed`` int32 (out, ceil((in/2) * 4 / 32)), the signed symmetric codes (-8..7) of the
-  kept values packed by ``compress.quant.packing.pack_int32`` (QuantLinear's bit order), and
+  kept values packed by ``packing.pack_int32`` (QuantLinear's bit order), and
   ``scale`` (out, groups) in the model dtype, groups over the ORIGINAL input columns
   (``group_size`` columns, a multiple of 8 dividing ``in``; None = one per output channel). Kept
   value k's scale is ``scale[row, col(k) // group_size]``; its value is ``code * scale``.
@@ -41,10 +41,10 @@ import logging
 import torch
 
 from ..errors import ConfigError
-from ..quant.grid import code_range, compute_qparams, num_groups
-from ..quant.packing import pack_int32, packed_words, unpack_int32
 from . import tuning
 from .dequant_linear import pick_config, resolve_backend
+from .int_grid import code_range
+from .packing import packed_words, unpack_int32
 
 log = logging.getLogger(__name__)
 
@@ -155,19 +155,6 @@ def _kept_scales(scale: torch.Tensor, cols: torch.Tensor, group_size: int | None
     return scale.float().gather(1, cols // group_size)
 
 
-def int4_scales(weight: torch.Tensor, group_size: int | None,
-                scale_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Round-to-nearest symmetric int4 scales (out, groups) in ``scale_dtype`` (default: the weight's),
-    ``compress.quant.grid``'s formula on the dense weight: amax of each group of original columns
-    over 7 (the dropped entries are zeros and change no amax)."""
-    out, cols = weight.shape
-    check_shape(out, cols)
-    check_group_size(cols, group_size)
-    dtype = scale_dtype or weight.dtype
-    scale, _ = compute_qparams(weight.detach().float(), 4, group_size, True, dtype)
-    return scale.to(dtype)
-
-
 def quantize_24(values: torch.Tensor, meta: torch.Tensor, scale: torch.Tensor, group_size: int | None,
                 in_features: int) -> torch.Tensor:
     """Signed int4 codes (int8, out x in/2) of the kept ``values`` on the given per-group scales
@@ -176,21 +163,6 @@ def quantize_24(values: torch.Tensor, meta: torch.Tensor, scale: torch.Tensor, g
     cols = kept_columns(meta, in_features)
     lo, hi = code_range(4)
     return torch.clamp(torch.round(values.float() / _kept_scales(scale, cols, group_size)), lo, hi).to(torch.int8)
-
-
-def quantize_24_int4(weight: torch.Tensor, group_size: int | None,
-                     scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(packed int32 (out, ceil(in/16)), scale (out, groups), meta uint8 (out, in/8)) of a 2:4 sparse
-    ``weight``: round-to-nearest on ``int4_scales`` unless ``scale`` is given."""
-    values, meta = pack_24(weight)
-    cols = weight.shape[1]
-    if scale is None:
-        scale = int4_scales(weight, group_size)
-    elif tuple(scale.shape) != (weight.shape[0], num_groups(cols, group_size)):
-        raise ConfigError(f"2:4 int4 scales must have shape (out, groups) = "
-                          f"{(weight.shape[0], num_groups(cols, group_size))}; got {tuple(scale.shape)}")
-    codes = quantize_24(values, meta, scale, group_size, cols)
-    return pack_int32(codes, 4), scale, meta
 
 
 def dequant_24_int4(packed: torch.Tensor, scale: torch.Tensor, meta: torch.Tensor, in_features: int,

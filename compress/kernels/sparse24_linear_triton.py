@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from ..errors import ConfigError
-from ..quant.packing import packed_words
+from .packing import packed_words
 from .dequant_linear_triton import _dot, _dot_dtype, _store_output, _tile_ids
 from .tuning import KernelConfig, split_k_launch
 

@@ -18,64 +18,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.cache_utils import DynamicCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..configs import register_method
 from ..errors import ConfigError
+from ..kernels.decode_attention import decode_attention, layout_unsupported
 from ..kernels.dequant_linear import check_backend, resolve_backend
-from ..modeling import find_decoder_layers
+from ..kernels.hadamard import rotate
 from .cache import QuantizedKVCache, attention_geometry
 from .config import KVCacheConfig
-from .quant import FP8_MAX, QuantizedKV, rotate
+from .model import CONFIG_KEY, attention_modules, module_device, set_kv_scales
+from .quant import FP8_MAX, QuantizedKV
 
 log = logging.getLogger(__name__)
 
-CONFIG_KEY = "compress_kv_cache"
 ATTENTION = "compress_kv"
-
-
-def kv_config_of(model: nn.Module) -> KVCacheConfig | None:
-    """The KV-cache config a model carries (set by a ``kv_cache`` pass or read from a checkpoint)."""
-    data = getattr(model.config, CONFIG_KEY, None)
-    if not data:
-        return None
-    return KVCacheConfig.from_dict(dict(data), where=f"config.json {CONFIG_KEY}")
-
-
-def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The self-attention module of every decoder layer, in layer order."""
-    name, layers = find_decoder_layers(model)
-    out = []
-    for i, layer in enumerate(layers):
-        attn = getattr(layer, "self_attn", None)
-        if attn is None:
-            raise ConfigError(f"{name}.{i} has no 'self_attn' module; KV-cache quantization supports "
-                              f"Llama/Qwen2/Mistral/OPT-style decoders")
-        out.append(attn)
-    return out
-
-
-def kv_scales_of(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-    """Calibrated fp8 (k_scale, v_scale) per layer, or None if the model has none."""
-    modules = attention_modules(model)
-    if not all(hasattr(m, "k_scale") and hasattr(m, "v_scale") for m in modules):
-        return None
-    return [(m.k_scale.detach().float().reshape(-1), m.v_scale.detach().float().reshape(-1)) for m in modules]
-
-
-def set_kv_scales(model: nn.Module, scales: list[tuple[torch.Tensor, torch.Tensor]], per_head: bool) -> None:
-    """Store fp8 scales as ``k_scale``/``v_scale`` buffers: shape (1,) per tensor, (H, 1, 1) per
-    head, float32 (the shapes compressed-tensors gives "tensor" and "attn_head")."""
-    for module, (k, v) in zip(attention_modules(model), scales, strict=True):
-        for name, s in (("k_scale", k), ("v_scale", v)):
-            s = s.detach().float().reshape(-1, 1, 1) if per_head else s.detach().float().reshape(1)
-            if name in module._buffers:
-                del module._buffers[name]
-            module.register_buffer(name, s.to(module_device(module)))
-
-
-def module_device(module: nn.Module) -> torch.device:
-    p = next(module.parameters(), None)
-    return p.device if p is not None and not p.is_meta else torch.device("cpu")
 
 
 class _RangeRecorder(DynamicCache):
@@ -158,8 +115,11 @@ def kv_cache(model: nn.Module, cfg: KVCacheConfig | None = None, *, backend: str
 def use_kv_attention(model: nn.Module) -> None:
     """Switch ``model`` to the ``compress_kv`` attention (SDPA, except decode steps on a quantized
     cache, which run the decode-attention kernel). Registered with transformers on first use."""
-    from transformers import AttentionInterface
+    # Imported here, not at the top: these two modules pull in torch._dynamo and transformers' losses
+    # (scipy), about 2 s, which `import compress` should not pay; a model exists by now, so they are
+    # loaded already and this costs nothing.
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
     if ATTENTION not in AttentionInterface._global_mapping:
         AttentionInterface.register(ATTENTION, kv_attention)
         AttentionMaskInterface.register(ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
@@ -171,9 +131,6 @@ def kv_attention(module: nn.Module, query: torch.Tensor, key, value, attention_m
                  dropout: float = 0.0, **kwargs):
     """transformers attention function: the decode kernel when the cache hands over a
     ``QuantizedKV`` (one new token), SDPA otherwise. Returns (B, q_len, Hq, D) like the others."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    from ..kernels.decode_attention import decode_attention, layout_unsupported
     if not isinstance(key, QuantizedKV):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)

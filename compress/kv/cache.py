@@ -24,9 +24,11 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
 from ..errors import ConfigError
+from ..kernels.hadamard import rotate
 from .config import KVCacheConfig, dense_bytes_per_token
-from .quant import (FP8_DTYPE, FP8_MAX, SCALE_DTYPE, QuantizedKV, packed_width, quantize_fp8,
-                       quantize_key_blocks, quantize_values, rotate)
+from .model import kv_config_of, kv_scales_of
+from .quant import (FP8_DTYPE, FP8_MAX, SCALE_DTYPE, QuantizedKV, packed_width, quantize_fp8, quantize_key_blocks,
+                    quantize_values)
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +223,6 @@ class QuantizedKVCache(Cache):
         """A cache for ``model``: ``kv`` defaults to the config the model carries (a ``kv_cache``
         pass or a loaded checkpoint); fp8 scales come from the model's calibrated
         ``k_scale``/``v_scale`` buffers when it has them."""
-        from .attention import kv_config_of, kv_scales_of
         kv = kv or kv_config_of(model)
         if kv is None:
             raise ConfigError("the model carries no KV-cache config; pass one, e.g. KVCacheConfig(scheme='int4')")

@@ -25,17 +25,18 @@ FP8 (E4M3): ``codes`` are float8_e4m3fn (B, H, T, D); a static float32 scale per
 ``k_scale`` / ``v_scale``.
 
 Optional key rotation: keys are multiplied by a normalized Hadamard matrix (orthogonal and
-symmetric, so its own inverse) before quantization. Attention is unchanged if the query is
-rotated the same way, q.k = (qH).(kH), so the decode kernel never un-rotates the keys.
+symmetric, so its own inverse; ``compress.kernels.hadamard``) before quantization. Attention is
+unchanged if the query is rotated the same way, q.k = (qH).(kH), so the decode kernel never
+un-rotates the keys.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 
 import torch
+
+from ..kernels.hadamard import rotate
 
 SCALE_DTYPE = torch.float16          # integer scales and minima
 FP8_DTYPE = torch.float8_e4m3fn
@@ -125,27 +126,6 @@ def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def dequantize_fp8(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (codes.float() * scale.float().view(1, -1, 1, 1)).to(dtype)
-
-
-@functools.lru_cache(maxsize=16)
-def _hadamard(n: int, device: str, dtype: torch.dtype) -> torch.Tensor:
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    # Kept per device: a host-to-device copy on every call would break CUDA-graph capture.
-    return (h / math.sqrt(n)).to(device=device, dtype=dtype)
-
-
-def hadamard(n: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """The normalized Sylvester Hadamard matrix of order ``n`` (a power of two): H = H^T = H^-1."""
-    if n <= 0 or n & (n - 1):
-        raise ValueError(f"a Hadamard rotation needs a power-of-two head_dim, got {n}")
-    return _hadamard(n, str(torch.device(device or "cpu")), dtype)
-
-
-def rotate(x: torch.Tensor) -> torch.Tensor:
-    """x @ H along the last dim (applying it twice gives x back)."""
-    return (x.float() @ hadamard(x.shape[-1], x.device)).to(x.dtype)
 
 
 @dataclasses.dataclass

@@ -14,9 +14,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import hashlib
 import json
 import logging
 import math
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -24,11 +26,14 @@ from typing import Any
 
 import yaml
 
+from ..data import calibration_data
 from ..errors import ConfigError
-from .cost import ModelShape, WeightFormat, model_shape
+from ..formats import WeightFormat
+from ..loading import load_model, resolve_dtype
+from .cost import ModelShape, model_shape
 from .devices import DeviceProfile, load_profile
-from .planner import KV_OPTIONS, Plan, Target, candidate_formats, make_plan, uniform_plan
-from .sensitivity import Sensitivity, measure_kv_sensitivity, measure_sensitivity
+from .planner import Plan, Target, candidate_formats, make_plan, uniform_plan
+from .sensitivity import KV_OPTIONS, Sensitivity, measure_kv_sensitivity, measure_sensitivity
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +60,6 @@ def plan_model(source: str, target: Target, *, device: str | DeviceProfile = "h1
                progress: bool = True, model=None, tokenizer=None) -> tuple[Plan, PlanInputs]:
     """Measure (or read from the cache) what each candidate format costs each layer of ``source``,
     then search the plan that meets ``target`` on ``device``."""
-    from ..data import calibration_data
-    from ..loading import load_model, resolve_dtype
     profile = device if isinstance(device, DeviceProfile) else load_profile(device)
     if model is None:
         model, tokenizer = load_model(source, dtype=dtype)
@@ -77,7 +80,6 @@ def plan_model(source: str, target: Target, *, device: str | DeviceProfile = "h1
 def _weights_fingerprint(model, shape: ModelShape) -> str:
     """A cheap hash of a few weight rows (embedding, first and last unit), so a checkpoint changed
     in place at the same path does not reuse another model's cached sensitivity."""
-    import hashlib
     h = hashlib.sha256()
     names = [shape.units[0].members[0][0], shape.units[-1].members[0][0]]
     tensors = [model.get_input_embeddings().weight] + [model.get_submodule(n).weight for n in names]
@@ -118,8 +120,8 @@ def gptq_pass(plan: Plan, shape: ModelShape, solver: str = "gptq") -> dict[str, 
     overrides: dict[str, dict] = {}
     by_name = {f.name: f for f in plan.formats.values()}
     for (fname, locals_), layers in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        overrides[_pattern(shape.layers_name, layers, locals_)] = by_name[fname].override()
-    out = {"method": solver, **base.override(), "ignore": ignore}
+        overrides[_pattern(shape.layers_name, layers, locals_)] = by_name[fname].config_fields()
+    out = {"method": solver, **base.config_fields(), "ignore": ignore}
     if overrides:
         out["overrides"] = overrides
     return out
@@ -134,7 +136,6 @@ def recipe_of(plan: Plan, inputs: PlanInputs, *, source: str, calib_data: str, c
     def rel(p: str | None) -> str | None:
         if p is None or base_dir is None or not Path(p).exists():
             return p
-        import os
         return os.path.relpath(Path(p).resolve(), base_dir.resolve())
 
     passes = []
@@ -162,7 +163,6 @@ def recipe_of(plan: Plan, inputs: PlanInputs, *, source: str, calib_data: str, c
 def _output_path(output: str | None, base_dir: Path | None) -> str | None:
     """The export directory as the recipe must spell it: relative to the recipe's folder and
     starting with ./ or ../ (a bare relative name would read as a hub id)."""
-    import os
     if output is None or base_dir is None or Path(output).is_absolute():
         return output
     rel = os.path.relpath(Path(output).resolve(), base_dir.resolve())
@@ -175,7 +175,6 @@ def _jsonable(data):
 
 def write_recipe(path: str | Path, recipe: dict[str, Any], header: str) -> Path:
     """Write ``recipe`` as YAML with ``header`` as comments, atomically."""
-    import os
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     plan = recipe.pop("plan", None)

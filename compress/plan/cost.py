@@ -1,8 +1,8 @@
 """The cost model: bytes, FLOPs, memory and latency of a model whose linears each have a format.
 
-- ``WeightFormat``: one candidate weight format ("bf16", "int8", "int4-g64", "int3-g64-asym",
-  "nvfp4a16", ...). The bytes it stores for a (out, in) linear are read off the packed module
-  itself, built on the meta device, so they are the checkpoint's bytes by construction.
+- ``WeightFormat`` (``compress.formats``): one candidate weight format ("bf16", "int8", "int4-g64",
+  "int3-g64-asym", "nvfp4a16", ...). The bytes it stores for a (out, in) linear are read off its
+  packed module built on the meta device, so they are the checkpoint's bytes by construction.
 - ``ModelShape``: what the cost model needs from a model: its decision units (the linears that
   read one input: q/k/v, gate/up; o_proj and down_proj alone), every other stored tensor, and the
   attention dimensions. Built from a loaded model or from a config alone (meta device), so an
@@ -18,15 +18,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from ..errors import ConfigError
-from ..modeling import find_decoder_layers, fused_groups, tied_parameter_names
+from ..formats import WeightFormat
+from ..modeling import find_decoder_layers, fused_groups, name_matches, tied_parameter_names
 from ..kv.config import KVCacheConfig, dense_bytes_per_token
+from ..quant.packed import PackedLinear
+from ..version import __version__
 
 if TYPE_CHECKING:
     from .devices import DeviceProfile
@@ -34,9 +37,6 @@ if TYPE_CHECKING:
 # Kernel launches per decoder layer besides its linears and attention (norms, rotary, residual adds,
 # activation, cache update): each costs the profile's launch overhead in decode.
 OTHER_KERNELS_PER_LAYER = 8
-
-_FORMAT_RE = re.compile(r"^int(?P<bits>[2-8])(?:-g(?P<g>\d+))?(?P<asym>-asym)?$")
-FP_FORMATS = ("bf16", "nvfp4a16", "nvfp4", "mxfp4")
 
 # The order of safetensors' dtype enum: a file lays its tensors out by dtype, last in this list
 # first, then by name (the offsets, and so the header's length, depend on it).
@@ -46,94 +46,6 @@ _ST_ORDER = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3
 _ST_DTYPES = {torch.float32: ("F32", 4), torch.bfloat16: ("BF16", 2), torch.float16: ("F16", 2),
               torch.int32: ("I32", 4), torch.int64: ("I64", 8), torch.uint8: ("U8", 1), torch.int8: ("I8", 1),
               torch.float8_e4m3fn: ("F8_E4M3", 1), torch.bool: ("BOOL", 1)}
-
-
-@dataclasses.dataclass(frozen=True)
-class WeightFormat:
-    """One weight format a planner may give a linear. ``name`` is its spelling everywhere:
-    ``bf16`` (dense, the model dtype), ``intB[-gG][-asym]`` (B bits, group G or per channel,
-    symmetric unless -asym), ``nvfp4a16``, ``nvfp4`` (W4A4), ``mxfp4``."""
-
-    name: str
-    scheme: str                        # dense | int | nvfp4a16 | nvfp4 | mxfp4
-    bits: int
-    group_size: int | None = None
-    symmetric: bool = True
-
-    @property
-    def family(self) -> str:
-        """Kernel family for the efficiency table: bf16, int or fp4."""
-        return {"dense": "bf16", "int": "int"}.get(self.scheme, "fp4")
-
-    @property
-    def dense(self) -> bool:
-        return self.scheme == "dense"
-
-    def fits(self, in_features: int) -> bool:
-        """Whether a linear with ``in_features`` inputs can take this format without partial groups."""
-        if self.scheme == "int":
-            return self.group_size is None or in_features % self.group_size == 0
-        if self.scheme in ("nvfp4a16", "nvfp4"):
-            return in_features % 16 == 0
-        if self.scheme == "mxfp4":
-            return in_features % 32 == 0
-        return True
-
-    def module(self, out_features: int, in_features: int, dtype: torch.dtype, bias: bool = False) -> nn.Module:
-        """The packed module this format stores, on the meta device (no memory)."""
-        from ..quant.fp4_linear import FP4Linear
-        from ..quant.linear import QuantLinear
-        if self.scheme == "dense":
-            return nn.Linear(in_features, out_features, bias=bias, dtype=dtype, device="meta")
-        if self.scheme == "int":
-            return QuantLinear(in_features, out_features, bits=self.bits, group_size=self.group_size,
-                               symmetric=self.symmetric, bias=bias, dtype=dtype, device="meta")
-        return FP4Linear(in_features, out_features, scheme=self.scheme, bias=bias, dtype=dtype, device="meta")
-
-    def tensors(self, out_features: int, in_features: int, dtype: torch.dtype,
-                bias: bool = False) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-        """Stored tensors of one linear in this format: {suffix: (dtype, shape)}."""
-        m = self.module(out_features, in_features, dtype, bias)
-        return {k: (t.dtype, tuple(t.shape)) for k, t in m.state_dict().items()}
-
-    def bytes(self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16,
-              bias: bool = False) -> int:
-        return specs_bytes(self.tensors(out_features, in_features, dtype, bias).values())
-
-    def bits_per_weight(self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16) -> float:
-        return 8 * self.bytes(out_features, in_features, dtype) / (out_features * in_features)
-
-    def override(self) -> dict[str, Any]:
-        """The fields a GPTQ/RTN pass override takes for this format."""
-        if self.scheme == "int":
-            return {"scheme": "int", "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
-        return {"scheme": self.scheme}
-
-
-def parse_format(name: str) -> WeightFormat:
-    """``bf16``, ``int8`` (per channel), ``int4-g64``, ``int3-g64-asym``, ``nvfp4a16``, ``nvfp4``, ``mxfp4``."""
-    text = str(name).strip().lower()
-    if text in ("bf16", "dense", "fp16", "float"):
-        return WeightFormat("bf16", "dense", 16)
-    if text in ("nvfp4a16", "nvfp4", "mxfp4"):
-        return WeightFormat(text, text, 4, 16 if text.startswith("nv") else 32)
-    m = _FORMAT_RE.match(text)
-    if m is None:
-        raise ConfigError(f"unknown weight format {name!r}: use bf16, int8, int4-g64, int3-g64-asym (bits 2-8, "
-                          f"-gN group size or per channel, -asym for a zero point), nvfp4a16, nvfp4 or mxfp4")
-    group = int(m["g"]) if m["g"] else None
-    if group is not None and group <= 0:
-        raise ConfigError(f"weight format {name!r}: group size must be positive, e.g. int4-g64")
-    return WeightFormat(text, "int", int(m["bits"]), group, m["asym"] is None)
-
-
-def format_of_config(cfg) -> WeightFormat:
-    """The WeightFormat of a resolved IntWeightConfig (RTN/GPTQ), or of a packed module."""
-    scheme = getattr(cfg, "scheme", "int")
-    if scheme != "int":
-        return parse_format(scheme)
-    g = f"-g{cfg.group_size}" if cfg.group_size else ""
-    return parse_format(f"int{cfg.bits}{g}{'' if cfg.symmetric else '-asym'}")
 
 
 @dataclasses.dataclass
@@ -183,8 +95,6 @@ def model_shape(model: nn.Module, dtype: torch.dtype = torch.bfloat16, ignore: t
                 ) -> ModelShape:
     """The ModelShape of ``model`` (real or meta weights) stored in ``dtype``: every nn.Linear inside
     the decoder layers becomes part of a unit; tied weights count once."""
-    from ..modeling import name_matches
-    from ..quant.packed import PackedLinear
     layers_name, layers = find_decoder_layers(model)
     tied = tied_parameter_names(model)
     units: list[Unit] = []
@@ -222,31 +132,24 @@ def model_shape(model: nn.Module, dtype: torch.dtype = torch.bfloat16, ignore: t
 
 def formats_of(model: nn.Module, shape: ModelShape) -> dict[str, WeightFormat]:
     """The format each unit of a loaded (e.g. compressed) model has now: dense ``nn.Linear`` is
-    bf16, ``QuantLinear`` its integer grid, ``FP4Linear`` its scheme. A unit is costed by its
-    first member. Layers the cost model does not know (the compact 2:4 layout) are an error."""
-    from ..quant.fp4_linear import FP4Linear
-    from ..quant.linear import QuantLinear
+    bf16, a packed layer its ``WeightFormat.of_module``. A unit is costed by its first member.
+    Layers the cost model does not know (the compact 2:4 layout) are an error."""
     out = {}
     for unit in shape.units:
         m = model.get_submodule(unit.members[0][0])
         if getattr(m, "sparse_layout", False):
             raise ConfigError(f"{unit.members[0][0]} is stored in the compact 2:4 layout, which the cost model "
                               f"does not cover yet")
-        if isinstance(m, QuantLinear):
-            g = f"-g{m.group_size}" if m.group_size else ""
-            out[unit.name] = parse_format(f"int{m.bits}{g}{'' if m.symmetric else '-asym'}")
-        elif isinstance(m, FP4Linear):
-            out[unit.name] = parse_format(m.scheme)
-        elif isinstance(m, nn.Linear):
-            out[unit.name] = parse_format("bf16")
-        else:
-            raise ConfigError(f"{unit.members[0][0]} is a {type(m).__name__}, which the cost model does not cover")
+        try:
+            out[unit.name] = WeightFormat.of_module(m)
+        except ConfigError:
+            raise ConfigError(f"{unit.members[0][0]} is a {type(m).__name__}, which the cost model does not "
+                              f"cover") from None
     return out
 
 
 def shape_from_config(config, dtype: torch.dtype = torch.bfloat16) -> ModelShape:
     """A ModelShape from a transformers config alone: the model is built on the meta device."""
-    from transformers import AutoModelForCausalLM
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return model_shape(model, dtype)
@@ -302,7 +205,6 @@ def checkpoint_bytes(shape: ModelShape, formats: dict[str, WeightFormat], metada
                      ) -> int:
     """Bytes of the weight file our export writes for this plan (one file; exports above the
     shard size add an index and a header per shard, a few KiB)."""
-    from .. import __version__
     meta = {"format": "pt", "compress_version": __version__, **(metadata or {})}
     return safetensors_file_bytes(plan_tensors(shape, formats), meta)
 
@@ -384,7 +286,7 @@ class Prediction:
 def _throughput(profile: DeviceProfile, fmt: WeightFormat) -> float:
     """FLOP/s of the math a linear in ``fmt`` runs: native FP4 W4A4 on devices that have it, bf16
     otherwise (weight-only formats are dequantized to bf16 inside our kernels)."""
-    if fmt.scheme == "nvfp4" and "nvfp4" in profile.native_formats and "fp4" in profile.tflops:
+    if fmt.act_quant and fmt.kind in profile.native_formats and "fp4" in profile.tflops:
         return profile.tflops["fp4"] * 1e12
     return (profile.tflops.get("bf16") or profile.tflops.get("fp32")) * 1e12
 
@@ -402,9 +304,9 @@ def kernel_seconds(profile: DeviceProfile, phase: str, family: str, nbytes: floa
 
 def kernel_key(fmt: WeightFormat) -> str:
     """The name ``DeviceProfile.kernel_formats`` lists for the kernel that runs ``fmt``."""
-    if fmt.scheme == "int":
+    if fmt.kind == "int":
         return f"int{fmt.bits}"
-    return {"dense": "bf16", "nvfp4a16": "nvfp4", "nvfp4": "nvfp4"}.get(fmt.scheme, fmt.scheme)
+    return "bf16" if fmt.dense else fmt.kind                    # nvfp4a16 and nvfp4 run one weight kernel
 
 
 def has_kernel(profile: DeviceProfile, fmt: WeightFormat) -> bool:

@@ -23,11 +23,12 @@ import math
 import numpy as np
 
 from ..errors import ConfigError
+from ..formats import WeightFormat
 from ..kv.config import KVCacheConfig
-from .cost import (ModelShape, Prediction, WeightFormat, Workload, checkpoint_bytes, fixed_seconds, has_kernel,
-                   parse_format, predict, specs_bytes, unit_seconds)
+from .cost import (ModelShape, Prediction, Workload, checkpoint_bytes, fixed_seconds, has_kernel, predict,
+                   specs_bytes, unit_seconds)
 from .devices import DeviceProfile
-from .sensitivity import Sensitivity
+from .sensitivity import KV_OPTIONS, Sensitivity, kv_option_config
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,6 @@ SLACK_BYTES = 1024
 # Formats the planner considers when the user names none (each filtered by what fits the layer).
 DEFAULT_FORMATS = ("bf16", "int8", "int4-g64", "int4-g64-asym", "int4-g128", "int3-g64-asym", "int3-g128-asym",
                    "int2-g64-asym", "nvfp4a16")
-KV_OPTIONS = ("bf16", "fp8", "int8", "int4")         # int2 is accepted when named (--kv-options)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,31 +99,23 @@ class Plan:
                 "prediction": self.prediction.to_dict()}
 
 
-def kv_option_config(name: str) -> KVCacheConfig | None:
-    if name == "bf16":
-        return None
-    if name == "fp8":
-        return KVCacheConfig(scheme="fp8", fp8_scale="head")
-    return KVCacheConfig(scheme=name)
-
-
 def candidate_formats(profile: DeviceProfile, names: list[str] | None = None) -> list[WeightFormat]:
     """The formats to choose from. Named ones are taken as given (a format without a kernel on the
     device is costed on the reference path); by default, formats without a kernel are dropped on
     GPUs, and NVFP4 W4A4 only where FP4 math is native."""
     if names:
-        fmts = [parse_format(n) for n in names]
+        fmts = [WeightFormat.parse(n) for n in names]
         if not any(f.dense for f in fmts):
-            fmts.insert(0, parse_format("bf16"))
+            fmts.insert(0, WeightFormat.parse("bf16"))
         return list(dict.fromkeys(fmts))
     out = []
     for n in DEFAULT_FORMATS:
-        f = parse_format(n)
+        f = WeightFormat.parse(n)
         if profile.kind == "gpu" and not has_kernel(profile, f):
             continue
         out.append(f)
     if "nvfp4" in profile.native_formats:
-        out.append(parse_format("nvfp4"))
+        out.append(WeightFormat.parse("nvfp4"))
     return out
 
 
@@ -326,7 +318,7 @@ def _fixed_bytes(shape: ModelShape) -> int:
 
 def uniform_plan(shape: ModelShape, sens: Sensitivity, profile: DeviceProfile, target: Target, fmt: str) -> Plan:
     """Every unit in one format (the baseline a plan is compared with)."""
-    f = parse_format(fmt)
+    f = WeightFormat.parse(fmt)
     work = target.workload
     fm = {u.name: f for u in shape.units}
     pred = predict(shape, fm, profile, work)
@@ -336,5 +328,5 @@ def uniform_plan(shape: ModelShape, sens: Sensitivity, profile: DeviceProfile, t
 
 def checkpoint_size(shape: ModelShape, fmt: str) -> int:
     """Bytes of the checkpoint with every unit in ``fmt`` (e.g. the 4-bit model a budget refers to)."""
-    f = parse_format(fmt)
+    f = WeightFormat.parse(fmt)
     return checkpoint_bytes(shape, {u.name: f for u in shape.units})

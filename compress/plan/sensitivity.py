@@ -36,15 +36,19 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..engine import run_layerwise
+from ..evaluation import perplexity_through_cache
+from ..formats import WeightFormat
+from ..kv.config import KVCacheConfig
 from ..quant.config import GPTQConfig, RTNConfig
 from ..quant.gptq import gptq_solve
 from ..quant.rtn import rtn_solve
 from ..stats import HessianStats
-from .cost import ModelShape, WeightFormat, parse_format
+from .cost import ModelShape
 
 log = logging.getLogger(__name__)
 
 SENSITIVITY_VERSION = 1
+KV_OPTIONS = ("bf16", "fp8", "int8", "int4")         # int2 is accepted when named (--kv-options)
 
 
 @dataclasses.dataclass
@@ -139,7 +143,7 @@ class _Probe:
 
     def _config(self, fmt: WeightFormat):
         cls = GPTQConfig if self.solver == "gptq" else RTNConfig
-        return cls(**{**self.base_cfg, **fmt.override(), "ignore": []})
+        return cls(**{**self.base_cfg, **fmt.config_fields(), "ignore": []})
 
     def solve(self, names: list[str], modules: list[nn.Linear], stats: HessianStats) -> None:
         weight = torch.cat([m.weight.detach() for m in modules], dim=0).float()     # (rows, in)
@@ -181,7 +185,7 @@ def measure_sensitivity(model: nn.Module, shape: ModelShape, calib, formats: lis
     ``calib`` gives the Hessian windows (all of them) and the Fisher windows (the first
     ``fisher_samples``). ``model_id`` names the model in the cache key (a path or hub id plus
     anything that changes its weights)."""
-    fmts = [f if isinstance(f, WeightFormat) else parse_format(f) for f in formats]
+    fmts = [f if isinstance(f, WeightFormat) else WeightFormat.parse(f) for f in formats]
     quantized = [f for f in fmts if not f.dense]
     base_cfg = dict(base_cfg or {})
     key = {"model": model_id, "units": [u.name for u in shape.units], "dtype": str(shape.dtype),
@@ -224,15 +228,22 @@ def measure_sensitivity(model: nn.Module, shape: ModelShape, calib, formats: lis
     return Sensitivity({f.name: dloss[f.name] for f in quantized}, base_loss, solver, key)
 
 
+def kv_option_config(name: str) -> KVCacheConfig | None:
+    """The KV-cache config of a KV option name (``KV_OPTIONS``, or int2); "bf16" is the unquantized cache."""
+    if name == "bf16":
+        return None
+    if name == "fp8":
+        return KVCacheConfig(scheme="fp8", fp8_scale="head")
+    return KVCacheConfig(scheme=name)
+
+
 def measure_kv_sensitivity(model: nn.Module, ids: torch.Tensor, options: list[str], *, model_id: str,
                            chunk: int = 16, cache: Path | str | None = None, progress: bool = True
                            ) -> dict[str, float]:
-    """Mean-NLL increase of decoding through each KV-cache option (``planner.KV_OPTIONS`` names),
+    """Mean-NLL increase of decoding through each KV-cache option (``KV_OPTIONS`` names),
     against the full-precision cache, on windows ``ids`` fed ``chunk`` tokens per forward so that
     every prediction after the first chunk attends to quantized keys and values. fp8 takes its
     scales from the first chunk here (an exported fp8 plan calibrates static ones)."""
-    from ..evaluation import perplexity_through_cache
-    from .planner import kv_option_config
     key = {"model": model_id, "ids": hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16], "chunk": chunk,
            "version": SENSITIVITY_VERSION}
     folder = Path(cache) if cache is not None else cache_dir()

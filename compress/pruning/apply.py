@@ -17,9 +17,6 @@ from ..configs import register_method
 from ..engine import LayerMethod, compress_layers, select_linears, write_rows
 from ..errors import ConfigError
 from ..modeling import get_module, name_matches, set_module
-from ..quant.formats import IntFormat
-from ..quant.grid import check_group_size
-from ..quant.linear import QuantLinear
 from ..stats import HessianStats, InputStats
 from .config import MagnitudeConfig, PruneConfig, SparseGPTConfig, WandaConfig
 from .masks import sparsity_of
@@ -71,7 +68,7 @@ class Pruner(LayerMethod):
                                   f"{module.in_features} of {name} is not a multiple of {nm[1]}; add "
                                   f"{name!r} to ignore (it stays dense)")
             if self.joint:
-                check_group_size(name, module.in_features, self.cfg.group_size, self.cfg.partial_groups)
+                self.cfg.weight_format.check_shape(name, module.in_features)
             self.sparsity[name] = sparsity
             return True
 
@@ -102,7 +99,7 @@ class Pruner(LayerMethod):
         sparsity = self.sparsity[names[0]]
         fallback, quant = None, None
         if isinstance(self.cfg, SparseGPTConfig) and has_data:
-            fmt = IntFormat(self.cfg.bits, self.cfg.group_size, True, self.cfg.observer, dtype) if self.joint else None
+            fmt = self.cfg.weight_format.solver_grid(dtype, self.cfg.observer) if self.joint else None
             result = sparsegpt_solve(stats.hessian, weight, self.cfg, sparsity=sparsity, fmt=fmt)
             new, loss, fallback, quant = result.weight, result.loss, result.fallback, result.quant
         else:
@@ -114,14 +111,14 @@ class Pruner(LayerMethod):
             pruned = w.square() * ~keep
             loss = float((pruned * col).sum()) if col is not None else float(pruned.sum())
             if self.joint:                                                     # no data: RTN survivors
-                fmt = IntFormat(self.cfg.bits, self.cfg.group_size, True, self.cfg.observer, dtype)
+                fmt = self.cfg.weight_format.solver_grid(dtype, self.cfg.observer)
                 params = fmt.fit(new, col)
                 codes, deq = fmt.quantize(new, params)
                 new = deq * keep
                 quant = fmt.result(codes, params, new, loss)
         for name, module, rows in zip(names, modules, write_rows(modules, new)):
             if quant is not None:
-                self._quant[name] = (quant.codes[rows], quant.scale[rows])
+                self._quant[name] = quant.take_rows(rows)
             self.records[name] = PruneRecord(name, tuple(module.weight.shape), sparsity,
                                              sparsity_of(module.weight), loss, fallback)
             if fallback:
@@ -132,10 +129,9 @@ class Pruner(LayerMethod):
         if not self.joint:
             return
         for local in names:
-            codes, scale = self._quant.pop(f"{prefix}{local}")
             old = get_module(root, local)
-            new = QuantLinear.from_codes(codes, scale, None, bits=self.cfg.bits, group_size=self.cfg.group_size,
-                                         bias=old.bias, dtype=old.weight.dtype, observer=self.cfg.observer)
+            new = self.cfg.weight_format.pack(self._quant.pop(f"{prefix}{local}"), bias=old.bias,
+                                              dtype=old.weight.dtype, observer=self.cfg.observer)
             set_module(root, local, new.to(old.weight.device))
 
 

@@ -13,6 +13,7 @@ from typing import Literal
 
 from ..configs import MethodConfig
 from ..errors import ConfigError
+from ..formats import WeightFormat
 
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -147,6 +148,13 @@ class SparseGPTConfig(PruneConfig):
             raise ConfigError(f"bits must be between 2 and 8 (or null: no quantization), got {self.bits}")
         if self.group_size is not None and self.group_size <= 0:
             raise ConfigError(f"group_size must be positive or null (per channel), got {self.group_size}")
+
+    @property
+    def weight_format(self) -> WeightFormat | None:
+        """The symmetric integer format the survivors are quantized to (None: they stay float)."""
+        if self.bits is None:
+            return None
+        return WeightFormat.from_scheme("int", self.bits, self.group_size, True, self.partial_groups)
 
     def describe(self) -> str:
         quant = "" if self.bits is None else \

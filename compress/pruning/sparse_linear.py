@@ -22,14 +22,44 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError
 from ..kernels.dequant_linear import check_backend
-from ..kernels.sparse24_linear import (BITS, check_group_size, check_meta, check_shape, int4_scales, pack_24,
-                                       quantize_24, sparse24_linear, sparse24_weight)
-from ..quant.grid import num_groups
+from ..kernels.packing import pack_int32, packed_words
+from ..kernels.sparse24_linear import (BITS, check_group_size, check_meta, check_shape, pack_24, quantize_24,
+                                       sparse24_linear, sparse24_weight)
+from ..quant.grid import compute_qparams, num_groups
 from ..quant.packed import PackedLinear
-from ..quant.packing import pack_int32, packed_words
 
 SHORT_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 DEFAULT_META = 0x44          # positions (0, 1) in both groups of a byte: what pack_24 writes for zeros
+
+
+# Quantizing a 2:4 weight chooses scales, so it sits here (above compress.quant.grid), not beside the
+# kernel's layout functions, which only read codes and scales.
+def int4_scales(weight: torch.Tensor, group_size: int | None,
+                scale_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Round-to-nearest symmetric int4 scales (out, groups) in ``scale_dtype`` (default: the weight's),
+    ``compress.quant.grid``'s formula on the dense weight: amax of each group of original columns
+    over 7 (the dropped entries are zeros and change no amax)."""
+    out, cols = weight.shape
+    check_shape(out, cols)
+    check_group_size(cols, group_size)
+    dtype = scale_dtype or weight.dtype
+    scale, _ = compute_qparams(weight.detach().float(), 4, group_size, True, dtype)
+    return scale.to(dtype)
+
+
+def quantize_24_int4(weight: torch.Tensor, group_size: int | None,
+                     scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(packed int32 (out, ceil(in/16)), scale (out, groups), meta uint8 (out, in/8)) of a 2:4 sparse
+    ``weight``: round-to-nearest on ``int4_scales`` unless ``scale`` is given."""
+    values, meta = pack_24(weight)
+    cols = weight.shape[1]
+    if scale is None:
+        scale = int4_scales(weight, group_size)
+    elif tuple(scale.shape) != (weight.shape[0], num_groups(cols, group_size)):
+        raise ConfigError(f"2:4 int4 scales must have shape (out, groups) = "
+                          f"{(weight.shape[0], num_groups(cols, group_size))}; got {tuple(scale.shape)}")
+    codes = quantize_24(values, meta, scale, group_size, cols)
+    return pack_int32(codes, 4), scale, meta
 
 
 class Sparse24Linear(PackedLinear):

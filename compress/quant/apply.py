@@ -14,16 +14,11 @@ from torch import nn
 from ..configs import register_method
 from ..engine import LayerMethod, compress_layers, select_linears, write_rows
 from ..errors import ConfigError
-from ..kernels.fp4_linear import BLOCK
 from ..modeling import get_module, set_module
 from ..stats import HessianStats, InputStats
 from .config import GPTQConfig, IntWeightConfig, RTNConfig
-from .grid import check_group_size
 from .fp4 import nvfp4_global_scale
-from .formats import make_format
-from .fp4_linear import SCHEME_KIND, FP4Linear
 from .gptq import gptq_solve
-from .linear import QuantLinear
 from .rtn import QuantResult, rtn_solve
 
 log = logging.getLogger(__name__)
@@ -65,7 +60,7 @@ class IntWeightQuantizer(LayerMethod):
         def check(name: str, module: nn.Linear) -> bool:
             cfg = self.cfg.for_module(name)
             try:
-                _check_shape(name, module, cfg)
+                cfg.weight_format.check_shape(name, module.in_features)
             except ConfigError as exc:
                 pattern = self.cfg.override_for(name)
                 if pattern is None:
@@ -123,7 +118,7 @@ class IntWeightQuantizer(LayerMethod):
                     global_scale: torch.Tensor | None) -> None:
         weight = torch.cat([m.weight.detach() for m in modules], dim=0)     # (sum of out_features, in)
         dtype = modules[0].weight.dtype
-        fmt = make_format(cfg, dtype)
+        fmt = cfg.weight_format.solver_grid(dtype, cfg.observer)
         if global_scale is not None:
             fmt.global_scale = global_scale
         if stats is not None and self.gptq:
@@ -134,10 +129,7 @@ class IntWeightQuantizer(LayerMethod):
         if result.fallback:
             log.warning("%s: %s", ", ".join(names), result.fallback)
         for name, module, rows in zip(names, modules, write_rows(modules, result.weight)):
-            self._results[name] = QuantResult(result.codes[rows], result.scale[rows],
-                                              None if result.zero_point is None else result.zero_point[rows],
-                                              result.weight[rows], result.loss, result.damp, result.fallback,
-                                              result.global_scale)
+            self._results[name] = result.take_rows(rows)
             if stats is not None:
                 self._input_amax[name] = stats.amax
             self.records[name] = ModuleRecord(name, tuple(module.weight.shape), result.loss, result.damp,
@@ -150,35 +142,15 @@ class IntWeightQuantizer(LayerMethod):
             cfg = self.module_cfgs[full]
             result = self._results.pop(full)
             old = get_module(root, local)
-            if cfg.scheme == "int":
-                new = QuantLinear.from_codes(result.codes, result.scale, result.zero_point, bits=cfg.bits,
-                                             group_size=cfg.group_size, bias=old.bias,
-                                             dtype=old.weight.dtype, actorder=_actorder(cfg),
-                                             observer=cfg.observer)
-            else:
-                amax = self._input_amax.pop(full, None)
-                new = FP4Linear.from_codes(result.codes, result.scale, result.global_scale, scheme=cfg.scheme,
-                                           bias=old.bias, dtype=old.weight.dtype, observer=cfg.observer,
-                                           input_global_scale=None if amax is None else nvfp4_global_scale(amax))
-            self._input_amax.pop(full, None)
+            new = cfg.weight_format.pack(result, bias=old.bias, dtype=old.weight.dtype,
+                                         input_amax=self._input_amax.pop(full, None), observer=cfg.observer,
+                                         actorder=_actorder(cfg))
             set_module(root, local, new.to(old.weight.device))
 
 
 def _actorder(cfg: IntWeightConfig) -> str | None:
     """The checkpoint's ``actorder``: GPTQ's act-order uses static groups, so no g_idx."""
     return "static" if getattr(cfg, "act_order", False) else None
-
-
-def _check_shape(name: str, module: nn.Linear, cfg: IntWeightConfig) -> None:
-    """Refuse a format the layer's in_features cannot hold, before any work."""
-    if cfg.scheme == "int":
-        check_group_size(name, module.in_features, cfg.group_size, cfg.partial_groups)
-        return
-    block = BLOCK[SCHEME_KIND[cfg.scheme]]
-    if module.in_features % block:
-        raise ConfigError(f"{cfg.scheme} stores blocks of {block} inputs, but in_features "
-                          f"{module.in_features} of {name} is not a multiple of {block}; add "
-                          f"{name!r} to ignore (it stays in full precision)")
 
 
 def _split_by_config(names: list[str], modules: list[nn.Linear], cfgs: list[IntWeightConfig]
@@ -201,7 +173,7 @@ def _shared_nvfp4_global_scales(parts) -> dict[str, torch.Tensor]:
     single stacked solve would choose it."""
     amax: dict[str, list[torch.Tensor]] = {}
     for cfg, _, modules in parts:
-        if SCHEME_KIND.get(cfg.scheme) == "nvfp4":
+        if cfg.weight_format.kind == "nvfp4":
             amax.setdefault(cfg.scheme, []).extend(m.weight.detach().abs().amax().float() for m in modules)
     counts = {scheme: sum(cfg.scheme == scheme for cfg, _, _ in parts) for scheme in amax}
     return {scheme: nvfp4_global_scale(torch.stack(a).amax()) for scheme, a in amax.items() if counts[scheme] > 1}

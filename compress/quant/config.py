@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 from ..configs import MethodConfig, check_type
 from ..errors import ConfigError
+from ..formats import WeightFormat
 from ..modeling import name_matches
-from .formats import SCHEMES
 
 # What an override may set: the weight format of the modules it matches. Everything else (ignore,
 # act_order, damp, ...) belongs to the whole pass.
@@ -64,22 +64,17 @@ class IntWeightConfig(MethodConfig):
     overrides: dict[str, dict] = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:
-        if self.scheme not in SCHEMES:
-            raise ConfigError(f"scheme must be one of {', '.join(SCHEMES)}; got {self.scheme!r}")
-        if self.scheme != "int":
-            if self.bits != 4:
-                raise ConfigError(f"scheme {self.scheme!r} stores 4-bit floats; bits must be 4, got {self.bits}")
-            if not self.symmetric:
-                raise ConfigError(f"scheme {self.scheme!r} is symmetric (no zero points); drop symmetric: false")
-        if not 2 <= self.bits <= 8:
-            raise ConfigError(f"bits must be between 2 and 8, got {self.bits}")
-        if self.group_size is not None and self.group_size <= 0:
-            raise ConfigError(f"group_size must be a positive integer or null (per channel), "
-                              f"got {self.group_size}")
+        WeightFormat.from_config(self)                  # ConfigError naming the field that makes no format
         if not isinstance(self.overrides, dict):
             raise ConfigError(f"overrides must be a mapping {{pattern: {{field: value}}}}, got {self.overrides!r}")
         for pattern, override in self.overrides.items():
             self._resolve(pattern, override)            # every override must give a valid config
+
+    @property
+    def weight_format(self) -> WeightFormat:
+        """The format this config's fields name (``scheme``, ``bits``, ``group_size``, ``symmetric``,
+        ``partial_groups``); ``for_module(name).weight_format`` is a module's."""
+        return WeightFormat.from_config(self)
 
     def override_for(self, name: str) -> str | None:
         """The pattern of the first override matching module ``name``, or None."""

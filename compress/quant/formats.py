@@ -1,10 +1,14 @@
-"""Weight formats as the solvers see them: how a group of columns gets its scale, and how one
-column is rounded. RTN and GPTQ are written once against this interface; the format decides
-what a code and a scale are.
+"""Solver grids: a weight format (``compress.formats.WeightFormat``) as the solvers see it, how a
+group of columns gets its scale and how one column is rounded. RTN, GPTQ and SparseGPT are written
+once against this interface; the grid decides what a code and a scale are. A grid is made for one
+solve by ``fmt.solver_grid(scale_dtype, observer)``.
 
 - ``IntFormat``: the integer grid of ``grid.py`` (2-8 bits, per group or channel, zero points).
 - ``FP4Format``: E2M1 codes with per-block scales, ``nvfp4`` (FP8 E4M3 scale per 16 columns over a
   float32 per-tensor global scale) or ``mxfp4`` (E8M0 scale per 32), from ``fp4.py``.
+
+This module also registers, per format kind, the packed module and the grid that
+``WeightFormat`` hands out (``register_kind``, at the bottom).
 
 Parameters (``params``) are a dict of (rows, groups) tensors; ``params["div"]`` is what a weight is
 divided by before rounding (int: the scale; FP4: the effective block scale).
@@ -16,13 +20,12 @@ import dataclasses
 
 import torch
 
-from .fp4 import (MXFP4_GROUP_SIZE, NVFP4_GROUP_SIZE, _encode_scaled, _mxfp4_scales, _nvfp4_scales,
-                  mxfp4_quantize, nvfp4_global_scale, nvfp4_quantize)
-from .fp4_packing import e2m1_decode, e8m0_decode
+from ..formats import SCHEMES, WeightFormat, register_kind  # noqa: F401  (SCHEMES: re-exported for the CLI)
+from .fp4 import _encode_scaled, _mxfp4_scales, _nvfp4_scales, mxfp4_quantize, nvfp4_global_scale, nvfp4_quantize
+from ..kernels.fp4_packing import e2m1_decode, e8m0_decode
+from .fp4_linear import FP4Linear
 from .grid import code_range, compute_qparams, dequantize, num_groups, quantize
-
-FP4_SCHEMES = ("nvfp4a16", "nvfp4", "mxfp4")
-SCHEMES = ("int",) + FP4_SCHEMES
+from .linear import QuantLinear
 
 
 @dataclasses.dataclass
@@ -49,13 +52,13 @@ class QuantResult:
     fallback: str | None = None
     global_scale: torch.Tensor | None = None
 
+    def take_rows(self, rows: slice) -> QuantResult:
+        """The result of ``rows`` alone (one module's share of a stacked solve); the NVFP4 global
+        scale stays shared."""
+        return dataclasses.replace(self, codes=self.codes[rows], scale=self.scale[rows], weight=self.weight[rows],
+                                   zero_point=None if self.zero_point is None else self.zero_point[rows])
 
-def make_format(cfg, scale_dtype: torch.dtype):
-    """A fresh format for one solve of ``cfg`` (an IntWeightConfig)."""
-    scheme = getattr(cfg, "scheme", "int")
-    if scheme == "int":
-        return IntFormat(cfg.bits, cfg.group_size, cfg.symmetric, cfg.observer, scale_dtype)
-    return FP4Format("mxfp4" if scheme == "mxfp4" else "nvfp4", cfg.observer)
+
 # Block-scale multipliers the FP4 MSE observer tries (1.0 = the amax rule).
 FP4_MSE_FACTORS = tuple(1.0 + 0.05 * i for i in range(4, 0, -1)) + tuple(1.0 - 0.025 * i for i in range(17))
 
@@ -67,6 +70,10 @@ class IntFormat:
                  scale_dtype: torch.dtype):
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         self.observer, self.scale_dtype = observer, scale_dtype
+
+    @classmethod
+    def from_format(cls, fmt: WeightFormat, scale_dtype: torch.dtype, observer: str) -> IntFormat:
+        return cls(fmt.bits, fmt.group_size, fmt.symmetric, observer, scale_dtype)
 
     def fit(self, w: torch.Tensor, col_weight: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Scales for every group of ``w`` (rows, cols)."""
@@ -110,12 +117,17 @@ class FP4Format:
     codes_dtype = torch.uint8
     symmetric = True
 
-    def __init__(self, kind: str, observer: str = "minmax"):
-        if kind not in ("nvfp4", "mxfp4"):
-            raise ValueError(f"FP4 format must be 'nvfp4' or 'mxfp4', got {kind!r}")
-        self.kind, self.observer = kind, observer
-        self.group_size = NVFP4_GROUP_SIZE if kind == "nvfp4" else MXFP4_GROUP_SIZE
+    def __init__(self, fmt: WeightFormat, observer: str = "minmax"):
+        if fmt.kind not in ("nvfp4", "mxfp4"):
+            raise ValueError(f"FP4 format must be nvfp4 or mxfp4, got {fmt}")
+        self.kind, self.observer = fmt.kind, observer
+        self.group_size = fmt.group_size                         # the block: 16 (nvfp4) or 32 (mxfp4)
         self.global_scale: torch.Tensor | None = None
+
+    @classmethod
+    def from_format(cls, fmt: WeightFormat, scale_dtype: torch.dtype, observer: str) -> FP4Format:
+        """``scale_dtype`` does not apply: FP4 scales have their own storage types."""
+        return cls(fmt, observer)
 
     def _global(self, w: torch.Tensor) -> torch.Tensor:
         if self.global_scale is None:
@@ -194,3 +206,8 @@ class FP4Format:
 
     def result(self, codes, params, weight, loss, **kw) -> QuantResult:
         return QuantResult(codes, params["raw"], None, weight, loss, global_scale=self.global_scale, **kw)
+
+
+register_kind("int", packed=QuantLinear, grid=IntFormat)
+register_kind("nvfp4", packed=FP4Linear, grid=FP4Format)
+register_kind("mxfp4", packed=FP4Linear, grid=FP4Format)

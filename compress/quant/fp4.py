@@ -64,11 +64,12 @@ import math
 
 import torch
 
-from .fp4_packing import FP4_MAX, e2m1_decode, e2m1_encode, e2m1_round, e8m0_decode
+from ..formats import WeightFormat
+from ..kernels.fp4_packing import FP4_MAX, e2m1_decode, e2m1_encode, e2m1_round, e8m0_decode
 
 FP8_E4M3_MAX = 448.0
-NVFP4_GROUP_SIZE = 16
-MXFP4_GROUP_SIZE = 32
+NVFP4_GROUP_SIZE = WeightFormat.parse("nvfp4a16").group_size     # 16: the block each scale covers
+MXFP4_GROUP_SIZE = WeightFormat.parse("mxfp4").group_size        # 32
 NVFP4_ZERO_BLOCK_SCALE = 0.125      # compressed-tensors' eps for float8_e4m3fn scales
 _E2M1_EMAX = 2                      # floor(log2(6)): the MX exponent offset for E2M1
 

@@ -17,12 +17,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels.fp4_linear import BLOCK, fp4_dequant_weight, fp4_linear
-from .fp4 import nvfp4_fake_quantize_activations
-from .fp4_packing import pack_fp4
+from ..formats import FP4_SCHEMES, WeightFormat
+from ..kernels.fp4_linear import fp4_dequant_weight, fp4_linear
+from ..kernels.fp4_packing import pack_fp4
+from .fp4 import nvfp4_fake_quantize_activations, nvfp4_global_scale
 from .packed import PackedLinear
-
-SCHEME_KIND = {"nvfp4a16": "nvfp4", "nvfp4": "nvfp4", "mxfp4": "mxfp4"}
 
 
 class FP4Linear(PackedLinear):
@@ -30,14 +29,14 @@ class FP4Linear(PackedLinear):
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
                  backend: str = "auto", observer: str | None = None):
         super().__init__()
-        if scheme not in SCHEME_KIND:
-            raise ValueError(f"FP4Linear scheme must be one of {sorted(SCHEME_KIND)}, got {scheme!r}")
-        self.kind = SCHEME_KIND[scheme]
-        block = BLOCK[self.kind]
+        if scheme not in FP4_SCHEMES:
+            raise ValueError(f"FP4Linear scheme must be one of {sorted(FP4_SCHEMES)}, got {scheme!r}")
+        self.weight_format = WeightFormat.from_scheme(scheme)
+        self.kind, block = self.weight_format.kind, self.weight_format.group_size
         if in_features % block:
             raise ValueError(f"{self.kind.upper()} needs in_features to be a multiple of {block}, got {in_features}")
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
-        self.act_quant = scheme == "nvfp4"
+        self.act_quant = self.weight_format.act_quant
         self.backend, self.observer = backend, observer
         self.bits, self.group_size, self.symmetric = 4, block, True     # what reports read
         self.register_buffer("weight_packed", torch.zeros(out_features, in_features // 2, dtype=torch.uint8,
@@ -76,6 +75,26 @@ class FP4Linear(PackedLinear):
         if bias is not None:
             module.bias.data.copy_(bias.detach().to(dtype))
         return module
+
+    @classmethod
+    def for_format(cls, fmt: WeightFormat, in_features: int, out_features: int, *, bias: bool, dtype: torch.dtype,
+                   device: torch.device | str | None, observer: str | None = None,
+                   actorder: str | None = None) -> FP4Linear:
+        """An empty module of FP4 format ``fmt`` (``WeightFormat.empty_module``); ``actorder`` does
+        not apply."""
+        return cls(in_features, out_features, scheme=fmt.scheme, bias=bias, dtype=dtype, device=device,
+                   observer=observer)
+
+    @classmethod
+    def from_result(cls, fmt: WeightFormat, result, *, bias: torch.Tensor | None, dtype: torch.dtype,
+                    input_amax: torch.Tensor | None = None, observer: str | None = None,
+                    actorder: str | None = None) -> FP4Linear:
+        """The module holding a solve's ``result`` (a QuantResult) in format ``fmt``
+        (``WeightFormat.pack``). W4A4 takes its static input scale from ``input_amax`` (the
+        calibration inputs' max |x|); weight-only formats ignore it, and ``actorder``."""
+        input_scale = nvfp4_global_scale(input_amax) if fmt.act_quant and input_amax is not None else None
+        return cls.from_codes(result.codes, result.scale, result.global_scale, scheme=fmt.scheme, bias=bias,
+                              dtype=dtype, input_global_scale=input_scale, observer=observer)
 
     @property
     def dtype(self) -> torch.dtype:

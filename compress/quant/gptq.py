@@ -9,8 +9,9 @@ the weights as the error feedback has left them. With act-order, columns are vis
 H diagonal, but the groups stay the natural contiguous column ranges and their scales are fixed
 before the solve ("static" groups), so the checkpoint needs no g_idx.
 
-The grid is the format's (``formats.py``): the integer grid, or E2M1 codes on NVFP4 / MXFP4 block
-scales (GPTQ on the FP4 grid: the same error feedback, the FP4 rounding of each column).
+The grid is the format's (``cfg.weight_format.solver_grid``, ``formats.py``): the integer grid, or
+E2M1 codes on NVFP4 / MXFP4 block scales (GPTQ on the FP4 grid: the same error feedback, the FP4
+rounding of each column).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import logging
 import torch
 
 from .config import GPTQConfig
-from .formats import QuantResult, make_format
+from .formats import QuantResult
 from .rtn import rtn_solve
 
 log = logging.getLogger(__name__)
@@ -64,12 +65,12 @@ def prepare_hessian(hessian: torch.Tensor, weight: torch.Tensor, who: str) -> tu
 def gptq_solve(hessian: torch.Tensor, weight: torch.Tensor, cfg: GPTQConfig,
                scale_dtype: torch.dtype, fmt=None, keep: torch.Tensor | None = None) -> QuantResult:
     """Quantize ``weight`` (rows, cols) given the input Hessian ``hessian`` (cols, cols), on the
-    grid of ``fmt`` (default: the format ``cfg.scheme`` names: integer, NVFP4 or MXFP4).
+    grid ``fmt`` (default: a fresh one of ``cfg.weight_format``: integer, NVFP4 or MXFP4).
 
     keep: bool (rows, cols), False where the weight must come out exactly zero (a pruned model's
     mask): those weights take the code of 0 and their error is pushed onto the columns still to
     come like any rounding error, as SparseGPT does with a fixed mask, so the sparsity survives."""
-    fmt = fmt or make_format(cfg, scale_dtype)
+    fmt = fmt or cfg.weight_format.solver_grid(scale_dtype, cfg.observer)
     h, w = prepare_hessian(hessian, weight, "GPTQ")
     if keep is not None:
         keep = keep.to(device=w.device, dtype=torch.bool)
@@ -91,7 +92,8 @@ def gptq_solve(hessian: torch.Tensor, weight: torch.Tensor, cfg: GPTQConfig,
     hinv, damp = inverse_hessian_factor(h, cfg.damp)
     if hinv is None:
         msg = f"Cholesky failed even with damp={damp:g}; fell back to round-to-nearest"
-        result = rtn_solve(weight, cfg, scale_dtype, diag.clamp(min=0), fmt=make_format(cfg, scale_dtype))
+        fresh = cfg.weight_format.solver_grid(scale_dtype, cfg.observer)
+        result = rtn_solve(weight, cfg, scale_dtype, diag.clamp(min=0), fmt=fresh)
         result.fallback = msg
         return result
 

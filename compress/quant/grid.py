@@ -1,4 +1,6 @@
-"""The integer grid: scales, zero points, codes, and the dequantize formula everything shares.
+"""The integer grid: scales, zero points, codes, and the dequantize formula everything shares (the
+formula, the code range and the group count live with the kernels, ``compress.kernels.int_grid``,
+and are re-exported here).
 
 Conventions follow compressed-tensors so that our codes are exactly what its checkpoints hold:
 codes ``q`` are signed, in ``[-2^(b-1), 2^(b-1)-1]``; the zero point ``zp`` is a signed integer in
@@ -15,36 +17,14 @@ for round-to-nearest (35.2 vs 36.0 perplexity); the MSE observer may still use t
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..errors import ConfigError
+# The codes -> values half of the grid is the kernels'; quantizing re-uses it and re-exports it.
+from ..kernels.int_grid import code_range, dequantize, num_groups  # noqa: F401  (dequantize: re-export)
 
 # Shrink factors the MSE observer tries: 1.0 down to 0.50 in steps of 0.02.
 MSE_SHRINK = tuple(1.0 - 0.02 * i for i in range(26))
-
-
-def code_range(bits: int) -> tuple[int, int]:
-    """Smallest and largest signed code: (-8, 7) for int4."""
-    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-
-
-def num_groups(in_features: int, group_size: int | None) -> int:
-    return 1 if group_size is None else math.ceil(in_features / group_size)
-
-
-def check_group_size(name: str, in_features: int, group_size: int | None, partial_groups: bool) -> None:
-    """Refuse a group size that does not divide ``in_features`` unless partial groups are allowed."""
-    if group_size is None or in_features % group_size == 0 or partial_groups:
-        return
-    fits = [g for g in (256, 128, 64, 32, 16) if in_features % g == 0 and g < group_size]
-    hint = f"pass group_size={fits[0]} (divides {in_features}), " if fits else ""
-    raise ConfigError(
-        f"group_size {group_size} does not divide in_features {in_features} of {name}; {hint}"
-        f"or set partial_groups=true (--partial-groups) to quantize the last "
-        f"{in_features % group_size} columns as a smaller group (loads in compress; "
-        f"compressed-tensors/transformers refuse such checkpoints), or ignore that layer")
 
 
 def _grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
@@ -123,20 +103,3 @@ def quantize(w: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits: int,
     wg = _grouped(w.float(), group_size)
     q = torch.clamp(torch.round(wg / scale.unsqueeze(-1)) + zp.unsqueeze(-1), qmin, qmax)
     return q.reshape(rows, -1)[:, :cols].to(torch.int8)
-
-
-def dequantize(q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None, group_size: int | None,
-               dtype: torch.dtype, g_idx: torch.Tensor | None = None) -> torch.Tensor:
-    """The one dequantize formula: (q - zp) * scale in float32, cast once to ``dtype``.
-    Column ``i`` belongs to group ``i // group_size``, or ``g_idx[i]`` when given (dynamic act-order)."""
-    rows, cols = q.shape
-    g = cols if group_size is None else group_size
-    if g_idx is not None:
-        idx = g_idx.to(device=q.device, dtype=torch.long)
-    else:
-        idx = torch.arange(cols, device=q.device) // g          # column -> group
-    s = scale.float()[:, idx]
-    w = q.float()
-    if zp is not None:
-        w = w - zp.float()[:, idx]
-    return (w * s).to(dtype)

@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..formats import WeightFormat
 from ..kernels.dequant_linear import dequant_linear, dequant_weight
+from ..kernels.packing import pack_int32, packed_words
 from .grid import num_groups
 from .packed import PackedLinear
-from .packing import pack_int32, packed_words
 
 # actorder values whose checkpoints carry a per-column group index (``weight_g_idx``).
 DYNAMIC_ACTORDER = ("group", "dynamic")
@@ -72,6 +73,32 @@ class QuantLinear(PackedLinear):
         if bias is not None:
             module.bias.data.copy_(bias.detach().to(dtype))
         return module
+
+    @classmethod
+    def for_format(cls, fmt: WeightFormat, in_features: int, out_features: int, *, bias: bool, dtype: torch.dtype,
+                   device: torch.device | str | None, observer: str | None = None,
+                   actorder: str | None = None) -> QuantLinear:
+        """An empty module of integer format ``fmt`` (``WeightFormat.empty_module``)."""
+        return cls(in_features, out_features, bits=fmt.bits, group_size=fmt.group_size, symmetric=fmt.symmetric,
+                   bias=bias, dtype=dtype, device=device, actorder=actorder, observer=observer)
+
+    @classmethod
+    def from_result(cls, fmt: WeightFormat, result, *, bias: torch.Tensor | None, dtype: torch.dtype,
+                    input_amax: torch.Tensor | None = None, observer: str | None = None,
+                    actorder: str | None = None) -> QuantLinear:
+        """The module holding a solve's ``result`` (a QuantResult) in format ``fmt``
+        (``WeightFormat.pack``); ``input_amax`` does not apply (weight-only format)."""
+        if (result.zero_point is None) != fmt.symmetric:
+            raise ValueError(f"{fmt} is {'' if fmt.symmetric else 'a'}symmetric, but the solve "
+                             f"{'returned' if result.zero_point is not None else 'has no'} zero points")
+        return cls.from_codes(result.codes, result.scale, result.zero_point, bits=fmt.bits, group_size=fmt.group_size,
+                              bias=bias, dtype=dtype, actorder=actorder, observer=observer)
+
+    @property
+    def weight_format(self) -> WeightFormat:
+        """This layer's format; ``partial_groups`` when its last group is narrower."""
+        partial = self.group_size is not None and self.in_features % self.group_size != 0
+        return WeightFormat("int", self.bits, self.group_size, self.symmetric, partial_groups=partial)
 
     @property
     def dtype(self) -> torch.dtype:

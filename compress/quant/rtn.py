@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .config import IntWeightConfig
-from .formats import QuantResult, make_format
+from .formats import QuantResult
 
 __all__ = ["QuantResult", "rtn_solve", "weighted_error"]
 
@@ -15,9 +15,9 @@ def rtn_solve(weight: torch.Tensor, cfg: IntWeightConfig, scale_dtype: torch.dty
     """Quantize ``weight`` (rows, cols) to the nearest grid point of its group.
 
     ``col_weight`` (cols,), e.g. the Hessian diagonal, only steers the MSE observer. ``fmt`` is the
-    weight format (default: the one ``cfg.scheme`` names).
+    solver grid (default: a fresh one of ``cfg.weight_format``).
     """
-    fmt = fmt or make_format(cfg, scale_dtype)
+    fmt = fmt or cfg.weight_format.solver_grid(scale_dtype, cfg.observer)
     w = weight.float()
     params = fmt.fit(w, col_weight)
     codes, deq = fmt.quantize(w, params)

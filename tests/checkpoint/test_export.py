@@ -7,9 +7,9 @@ import torch
 
 import compress
 from compress.checkpoint import export as export_module
+from compress.checkpoint.load import load_compressed
 from compress.data import CalibrationData
 from compress.errors import CheckpointError
-from compress.loading import load_compressed
 from compress.quant.linear import QuantLinear
 from conftest import tiny_model
 

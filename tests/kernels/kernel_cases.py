@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from compress.kernels.dequant_linear import dequant_weight
-from compress.quant.packing import pack_int32
+from compress.kernels.packing import pack_int32
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -13,6 +13,7 @@ from kernel_cases import CUDA, rel_err, triton_device  # noqa: F401  (fixture)
 from compress.errors import ConfigError
 from compress.kernels.decode_attention import (choose_num_splits, decode_attention, decode_attention_reference,
                                                layout_unsupported)
+from compress.kernels.hadamard import rotate
 from compress.kv import quant as kq
 
 # ||kernel - reference|| / ||reference|| per query dtype. The reference rounds the dequantized cache to
@@ -37,7 +38,7 @@ def make_cache(b: int, h: int, d: int, length: int, res: int, *, bits: int = 4, 
     chan = 1 + 4 * (torch.rand(d, generator=gen) < 0.1).float()
     k = torch.randn(b, h, n, d, generator=gen) * chan + torch.randn(d, generator=gen)
     v = torch.randn(b, h, n, d, generator=gen)
-    kr = kq.rotate(k) if rotated else k
+    kr = rotate(k) if rotated else k
     res_k = torch.randn(b, h, res + 5, d, generator=gen) * 1e3
     res_v = torch.randn(b, h, res + 5, d, generator=gen) * 1e3
     res_k[:, :, :res], res_v[:, :, :res] = kr[:, :, stored:], v[:, :, stored:]

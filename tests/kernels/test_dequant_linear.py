@@ -3,7 +3,7 @@ import torch
 
 from compress.errors import ConfigError
 from compress.kernels import dequant_linear, dequant_linear_reference
-from compress.quant.packing import pack_int32
+from compress.kernels.packing import pack_int32
 
 
 def _case(bits=4, out=8, k=40, group=16, asym=True):

@@ -73,7 +73,7 @@ def test_an_all_zero_group_contributes_nothing(triton_device):
     case = make_case(40, 96, bits=4, group_size=32, symmetric=True, bias=False, dtype=torch.float32,
                      device=triton_device)
     case.codes[:, :32] = 0
-    from compress.quant.packing import pack_int32
+    from compress.kernels.packing import pack_int32
     case.packed = pack_int32(case.codes, 4).to(triton_device)
     x = torch.randn(3, 96, device=triton_device)
     x2 = x.clone()

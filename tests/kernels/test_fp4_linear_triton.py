@@ -15,7 +15,7 @@ from kernel_cases import CUDA, REL_TOL, rel_err, triton_device  # noqa: F401  (f
 from compress.kernels import tuning
 from compress.kernels.fp4_linear import BLOCK, fp4_dequant_weight, fp4_linear
 from compress.quant.fp4 import mxfp4_dequantize, nvfp4_dequantize
-from compress.quant.fp4_packing import pack_fp4
+from compress.kernels.fp4_packing import pack_fp4
 
 CONFIGS = tuning.all_configs()
 KINDS = ("nvfp4", "mxfp4")
@@ -271,8 +271,8 @@ def test_fp4_linear_module_on_triton_matches_torch(scheme, dtype, triton_device)
 
 
 def test_benchmark_smoke_nvfp4(tmp_path, triton_device):
-    """benchmarks/kernels.py --format nvfp4 runs end to end (tiny shapes, interpreter on the CPU)."""
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
+    """benchmarks/linear_kernels.py --format nvfp4 runs end to end (tiny shapes, interpreter on the CPU)."""
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "linear_kernels.py"
     spec = importlib.util.spec_from_file_location("bench_kernels_fp4", script)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

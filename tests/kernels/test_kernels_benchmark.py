@@ -1,4 +1,4 @@
-"""benchmarks/kernels.py runs end to end (tiny shapes, interpreter on the CPU) and writes its JSON."""
+"""benchmarks/linear_kernels.py runs end to end (tiny shapes, interpreter on the CPU) and writes its JSON."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from kernel_cases import triton_device  # noqa: F401  (fixture)
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "linear_kernels.py"
 
 
 def test_kernel_benchmark_smoke(tmp_path, triton_device):

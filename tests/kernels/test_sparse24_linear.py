@@ -9,10 +9,11 @@ from kernel_cases import CUDA, REL_TOL, rel_err, triton_device  # noqa: F401  (f
 
 from compress.errors import ConfigError
 from compress.kernels import sparse24_linear, sparse24_linear_reference, tuning
-from compress.kernels.sparse24_linear import (check_meta, dequant_24_int4, int4_scales, kept_columns, pack_24,
-                                              quantize_24, quantize_24_int4, sparse24_weight, unpack_24)
+from compress.kernels.packing import pack_int32, unpack_int32
+from compress.kernels.sparse24_linear import (check_meta, dequant_24_int4, kept_columns, pack_24, quantize_24,
+                                              sparse24_weight, unpack_24)
+from compress.pruning.sparse_linear import int4_scales, quantize_24_int4
 from compress.quant.grid import dequantize, quantize
-from compress.quant.packing import pack_int32, unpack_int32
 
 CONFIGS = tuning.all_configs()
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import compress
+from compress.checkpoint.load import load_compressed
 from compress.cli import main
 from compress.errors import CheckpointError, ConfigError
 from compress.evaluation import perplexity_through_cache
 from compress.kv import kv_cache, kv_config_of, kv_scales_of
-from compress.loading import load_compressed
 from compress.kv.config import KVCacheConfig
 from compress.recipe import recipe_from_dict
 from conftest import tiny_model

@@ -6,6 +6,7 @@ import torch
 
 from compress.errors import ConfigError
 from compress.evaluation import generation_agreement, perplexity_of_windows, perplexity_through_cache
+from compress.kernels.hadamard import rotate
 from compress.kv import kv_cache
 from compress.kv import quant as kq
 from compress.kv.cache import QuantizedKVCache
@@ -61,15 +62,6 @@ def test_per_channel_keys_beat_per_token_keys_on_outlier_channels():
     codes, scale, lo = kq.quantize_values(k, 4, 64)                                # the per-token grid
     per_token = (kq.dequantize_values(codes, scale, lo, 4, torch.float32) - k)[..., 4:].pow(2).mean()
     assert per_channel < 0.05 * per_token           # the ordinary channels keep their precision
-
-
-def test_hadamard_is_orthogonal_and_keeps_dot_products():
-    h = kq.hadamard(64)
-    assert torch.allclose(h @ h, torch.eye(64), atol=1e-6) and torch.equal(h, h.T)
-    q, k = torch.randn(5, 64), torch.randn(7, 64)
-    assert torch.allclose(kq.rotate(q) @ kq.rotate(k).T, q @ k.T, atol=1e-4)
-    with pytest.raises(ValueError, match="power-of-two"):
-        kq.hadamard(48)
 
 
 def test_fp8_saturates_instead_of_overflowing():
@@ -195,7 +187,7 @@ def test_rotated_keys_with_a_long_window_change_nothing():
     _chunked_logits(model, ids, plain, 8)
     stored, unrotated = cache.layers[0].keys, plain.layers[0].keys             # the windows: stored rotated
     assert not torch.allclose(stored, unrotated, atol=1e-3)
-    assert torch.allclose(stored, kq.rotate(unrotated), atol=1e-5)
+    assert torch.allclose(stored, rotate(unrotated), atol=1e-5)
 
 
 def test_generate_and_beam_search_run_on_the_cache():

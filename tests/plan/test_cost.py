@@ -11,7 +11,8 @@ import compress
 from compress.checkpoint.safetensors_io import weights_bytes
 from compress.data import CalibrationData
 from compress.errors import ConfigError
-from compress.plan.cost import (Workload, checkpoint_bytes, formats_of, kv_cache_bytes, model_shape, parse_format,
+from compress.formats import WeightFormat
+from compress.plan.cost import (Workload, checkpoint_bytes, formats_of, kv_cache_bytes, model_shape,
                                 predict, shape_from_config)
 from compress.plan.devices import load_profile
 from compress.kv.config import KVCacheConfig
@@ -33,7 +34,7 @@ def _ideal(profile):
     ("bf16", "dense", 16, None, True), ("int8", "int", 8, None, True), ("int4-g64", "int", 4, 64, True),
     ("int3-g32-asym", "int", 3, 32, False), ("nvfp4a16", "nvfp4a16", 4, 16, True), ("mxfp4", "mxfp4", 4, 32, True)])
 def test_format_names_parse(name, scheme, bits, group, sym):
-    f = parse_format(name)
+    f = WeightFormat.parse(name)
     assert (f.scheme, f.bits, f.group_size, f.symmetric) == (scheme, bits, group, sym)
     assert f.name == name
 
@@ -41,14 +42,14 @@ def test_format_names_parse(name, scheme, bits, group, sym):
 @pytest.mark.parametrize("bad", ["int9", "int4-g0", "fp3", "int4-asymm", ""])
 def test_unknown_formats_are_refused_with_the_spellings(bad):
     with pytest.raises(ConfigError, match="int4-g64"):
-        parse_format(bad)
+        WeightFormat.parse(bad)
 
 
 def test_bits_per_weight_of_common_formats():
-    assert parse_format("int4-g64").bits_per_weight(4096, 4096) == pytest.approx(4 + 16 / 64, abs=0.01)
-    assert parse_format("nvfp4a16").bits_per_weight(4096, 4096) == pytest.approx(4.5, abs=0.01)
-    assert parse_format("int8").bits_per_weight(4096, 4096) == pytest.approx(8, abs=0.01)
-    assert not parse_format("int4-g64").fits(160) and parse_format("int4-g32").fits(160)
+    assert WeightFormat.parse("int4-g64").bits_per_weight(4096, 4096) == pytest.approx(4 + 16 / 64, abs=0.01)
+    assert WeightFormat.parse("nvfp4a16").bits_per_weight(4096, 4096) == pytest.approx(4.5, abs=0.01)
+    assert WeightFormat.parse("int8").bits_per_weight(4096, 4096) == pytest.approx(8, abs=0.01)
+    assert not WeightFormat.parse("int4-g64").fits(160) and WeightFormat.parse("int4-g32").fits(160)
 
 
 def test_units_follow_the_fused_groups(arch):
@@ -64,7 +65,7 @@ def test_units_follow_the_fused_groups(arch):
 def test_dense_checkpoint_bytes_are_exact(arch, tmp_path, dtype, tokenizer):
     model = tiny_model(arch).to(dtype)
     shape = model_shape(model, dtype)
-    dense = {u.name: parse_format("bf16") for u in shape.units}
+    dense = {u.name: WeightFormat.parse("bf16") for u in shape.units}
     compress.export(model, tokenizer, tmp_path / "out")
     assert checkpoint_bytes(shape, dense) == weights_bytes(tmp_path / "out")
 
@@ -86,7 +87,7 @@ def test_mixed_plan_checkpoint_bytes_are_exact(calib_ids, tmp_path, tokenizer):
     assert planned["model.layers.0.self_attn.o_proj"].dense
     assert checkpoint_bytes(shape, planned) == weights_bytes(tmp_path / "out")
     # negative control: another format for one unit changes the prediction
-    planned["model.layers.0.mlp.down_proj"] = parse_format("bf16")
+    planned["model.layers.0.mlp.down_proj"] = WeightFormat.parse("bf16")
     assert checkpoint_bytes(shape, planned) != weights_bytes(tmp_path / "out")
 
 
@@ -101,7 +102,7 @@ def test_decode_roofline_of_llama3_8b_on_h100_by_hand():
     every weight once: 16.06 GB / 3.35 TB/s (plus the tiny activations and cache)."""
     h100 = _ideal(load_profile("h100"))
     shape = shape_from_config(LlamaConfig(**LLAMA3_8B))
-    fm = {u.name: parse_format("bf16") for u in shape.units}
+    fm = {u.name: WeightFormat.parse("bf16") for u in shape.units}
     pred = predict(shape, fm, h100, Workload(1, 1))
     weights = 2 * (shape.params - shape.vocab * shape.hidden)    # the input embedding is not read by a matmul
     assert pred.decode_s == pytest.approx(weights / 3.35e12, rel=0.01)
@@ -110,12 +111,12 @@ def test_decode_roofline_of_llama3_8b_on_h100_by_hand():
 def test_int4_decodes_faster_than_bf16_on_a_gpu_but_prefill_is_compute_bound():
     h100 = load_profile("h100")
     shape = shape_from_config(LlamaConfig(**LLAMA3_8B))
-    bf16 = predict(shape, {u.name: parse_format("bf16") for u in shape.units}, h100, Workload(1, 2048))
-    int4 = predict(shape, {u.name: parse_format("int4-g128") for u in shape.units}, h100, Workload(1, 2048))
+    bf16 = predict(shape, {u.name: WeightFormat.parse("bf16") for u in shape.units}, h100, Workload(1, 2048))
+    int4 = predict(shape, {u.name: WeightFormat.parse("int4-g128") for u in shape.units}, h100, Workload(1, 2048))
     assert int4.decode_s < 0.65 * bf16.decode_s          # launches and attention do not shrink
     assert int4.weight_bytes < 0.4 * bf16.weight_bytes        # embedding and lm_head stay bf16
     big = Workload(8, 4096)
-    p_bf16 = predict(shape, {u.name: parse_format("bf16") for u in shape.units}, h100, big)
+    p_bf16 = predict(shape, {u.name: WeightFormat.parse("bf16") for u in shape.units}, h100, big)
     assert p_bf16.prefill_s > 2 * shape.params * 8 * 4096 / 989.4e12      # at least the FLOPs at peak
 
 
@@ -124,8 +125,8 @@ def test_a_format_without_a_kernel_costs_the_reference_path():
     h100 = load_profile("h100")
     assert "int3" not in h100.kernel_formats
     shape = shape_from_config(LlamaConfig(**LLAMA3_8B))
-    bf16 = predict(shape, {u.name: parse_format("bf16") for u in shape.units}, h100, Workload(1, 1))
-    int3 = predict(shape, {u.name: parse_format("int3-g128") for u in shape.units}, h100, Workload(1, 1))
+    bf16 = predict(shape, {u.name: WeightFormat.parse("bf16") for u in shape.units}, h100, Workload(1, 1))
+    int3 = predict(shape, {u.name: WeightFormat.parse("int3-g128") for u in shape.units}, h100, Workload(1, 1))
     assert int3.decode_s > bf16.decode_s
 
 
@@ -150,7 +151,7 @@ def test_workload_and_prediction_errors():
 def test_decode_gets_cheaper_per_token_with_batch():
     h100 = load_profile("h100")
     shape = shape_from_config(LlamaConfig(**LLAMA3_8B))
-    fm = {u.name: parse_format("int4-g128") for u in shape.units}
+    fm = {u.name: WeightFormat.parse("int4-g128") for u in shape.units}
     one = predict(shape, fm, h100, Workload(1, 512))
     eight = predict(shape, fm, h100, Workload(8, 512))
     assert eight.decode_s < 2 * one.decode_s                    # weights are read once for the whole batch

@@ -9,7 +9,8 @@ import torch
 from transformers import LlamaConfig
 
 from compress.errors import ConfigError
-from compress.plan.cost import model_shape, parse_format, predict, shape_from_config
+from compress.formats import WeightFormat
+from compress.plan.cost import model_shape, predict, shape_from_config
 from compress.plan.devices import load_profile
 from compress.plan.planner import Target, candidate_formats, checkpoint_size, make_plan, uniform_plan
 from compress.plan.sensitivity import Sensitivity
@@ -30,7 +31,7 @@ def _sens(shape, seed=0):
 @pytest.fixture
 def setup():
     shape = model_shape(tiny_model("llama", intermediate_size=128), torch.bfloat16)
-    fmts = [parse_format(f) for f in ["bf16"] + FORMATS]
+    fmts = [WeightFormat.parse(f) for f in ["bf16"] + FORMATS]
     return shape, _sens(shape), load_profile("cpu"), fmts
 
 
@@ -85,7 +86,7 @@ def test_a_decode_target_on_a_gpu_buys_speed_with_smaller_formats():
     h100 = load_profile("h100")
     shape = shape_from_config(LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
                                           num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4))
-    fmts = [parse_format(f) for f in ("bf16", "int8", "int4-g128")]
+    fmts = [WeightFormat.parse(f) for f in ("bf16", "int8", "int4-g128")]
     weight = {u.name: 1.0 + i for i, u in enumerate(shape.units)}
     sens = Sensitivity({"int8": {k: 1e-4 * v for k, v in weight.items()},
                         "int4-g128": {k: 1e-2 * v for k, v in weight.items()}}, 2.0, "test", {})
@@ -106,7 +107,7 @@ def test_with_a_context_the_kv_cache_format_is_chosen_to_fit():
     h100 = load_profile("h100")
     shape = shape_from_config(LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
                                           num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4))
-    fmts = [parse_format(f) for f in ("bf16", "int4-g128")]
+    fmts = [WeightFormat.parse(f) for f in ("bf16", "int4-g128")]
     sens = Sensitivity({"int4-g128": {u.name: 1e-3 for u in shape.units}}, 2.0, "test", {})
     kv_cost = {"bf16": 0.0, "fp8": 0.001, "int8": 0.0005, "int4": 0.003}
     loose = make_plan(shape, sens, h100, Target(memory_bytes=int(40e9), batch=8, context=8192), fmts,

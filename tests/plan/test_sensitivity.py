@@ -7,9 +7,11 @@ import torch
 
 import compress
 from compress.data import CalibrationData
+from compress.evaluation import perplexity_through_cache
+from compress.formats import WeightFormat
 from compress.plan import sensitivity as sens_module
-from compress.plan.cost import model_shape, parse_format
-from compress.plan.sensitivity import fisher_diagonals, measure_kv_sensitivity, measure_sensitivity
+from compress.plan.cost import model_shape
+from compress.plan.sensitivity import fisher_diagonals, kv_option_config, measure_kv_sensitivity, measure_sensitivity
 from conftest import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -113,12 +115,10 @@ def test_a_format_that_does_not_fit_a_layer_is_infinite_there(trained, tmp_path)
     down = [u.name for u in shape.units if u.name.endswith("down_proj")]
     assert all(sens.dloss["int4-g64"][d] == float("inf") for d in down)    # in_features 160
     assert all(sens.dloss["int4-g64"][u.name] < float("inf") for u in shape.units if u.name not in down)
-    assert sens.cost(down[0], parse_format("bf16")) == 0.0
+    assert sens.cost(down[0], WeightFormat.parse("bf16")) == 0.0
 
 
 def test_kv_sensitivity_measures_decoding_through_each_cache(trained, tmp_path, monkeypatch):
-    from compress.evaluation import perplexity_through_cache
-    from compress.plan.planner import kv_option_config
     model, _ = trained
     ids = torch.randint(0, 64, (2, 320), generator=torch.Generator().manual_seed(3))   # past the 128-token window
     kv = measure_kv_sensitivity(model, ids, ["bf16", "int8", "int2"], model_id="tiny", chunk=32,
@@ -128,6 +128,6 @@ def test_kv_sensitivity_measures_decoding_through_each_cache(trained, tmp_path, 
     base, n = perplexity_through_cache(model, ids, None, chunk=32, progress=False)
     nll, _ = perplexity_through_cache(model, ids, kv_option_config("int2"), chunk=32, progress=False)
     assert kv["int2"] == pytest.approx((nll - base) / n)
-    monkeypatch.setattr("compress.evaluation.perplexity_through_cache", None)     # cached: nothing recomputed
+    monkeypatch.setattr(sens_module, "perplexity_through_cache", None)     # cached: nothing recomputed
     assert measure_kv_sensitivity(model, ids, ["int8", "int2"], model_id="tiny", chunk=32, cache=tmp_path,
                                   progress=False) == {"int8": kv["int8"], "int2": kv["int2"]}

@@ -15,7 +15,7 @@ import torch
 from compress.quant.fp4 import (MXFP4_GROUP_SIZE, NVFP4_GROUP_SIZE, mxfp4_block_scales, mxfp4_dequantize,
                                 mxfp4_fake_quantize, mxfp4_quantize, nvfp4_block_scales, nvfp4_dequantize,
                                 nvfp4_fake_quantize, nvfp4_global_scale, nvfp4_quantize)
-from compress.quant.fp4_packing import (E2M1_VALUES, e2m1_decode, e2m1_encode, e8m0_decode, pack_fp4,
+from compress.kernels.fp4_packing import (E2M1_VALUES, e2m1_decode, e2m1_encode, e8m0_decode, pack_fp4,
                                         unpack_fp4)
 
 F4, E4M3, E8M0 = ml_dtypes.float4_e2m1fn, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e8m0fnu
@@ -474,7 +474,7 @@ def test_bad_scales_are_refused():
 
 
 def test_e2m1_round_is_encode_then_decode():
-    from compress.quant.fp4_packing import e2m1_round
+    from compress.kernels.fp4_packing import e2m1_round
     ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 0.0, 6.0, 7.0, 1e9, float("inf")])
     x = torch.cat([ties, -ties, torch.randn(10_000) * 3, torch.randn(1000) * 1e-3])
     for dtype in (torch.float32, torch.bfloat16, torch.float16):

@@ -13,7 +13,7 @@ from compress.quant.config import GPTQConfig, RTNConfig
 from compress.quant.fp4 import (mxfp4_block_scales, mxfp4_quantize, nvfp4_block_scales, nvfp4_dequantize,
                                 nvfp4_fake_quantize_activations, nvfp4_global_scale, nvfp4_quantize)
 from compress.quant.fp4_linear import FP4Linear
-from compress.quant.fp4_packing import unpack_fp4
+from compress.kernels.fp4_packing import unpack_fp4
 from compress.quant.gptq import gptq_solve
 from compress.quant.rtn import rtn_solve, weighted_error
 from conftest import tiny_model

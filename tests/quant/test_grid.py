@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from compress.errors import ConfigError
-from compress.quant.grid import check_group_size, code_range, compute_qparams, dequantize, quantize
+from compress.formats import check_group_size
+from compress.quant.grid import code_range, compute_qparams, dequantize, quantize
 
 
 def _roundtrip(w, bits, group_size, symmetric, observer="minmax", dtype=torch.float32, col_weight=None):

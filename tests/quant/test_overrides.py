@@ -187,7 +187,7 @@ def test_transformers_loads_a_mixed_int_checkpoint(arch, calib_ids, tmp_path):
 def test_transformers_loads_int_plus_nvfp4_as_compress_does(calib_ids, tmp_path):
     pytest.importorskip("compressed_tensors")
     from transformers import AutoModelForCausalLM
-    from compress.loading import load_compressed
+    from compress.checkpoint.load import load_compressed
     mix = {"mlp.down_proj": {"bits": 8, "group_size": None}, "mlp.gate_proj": {"scheme": "nvfp4a16"}}
     model = tiny_model("llama").to(torch.bfloat16)             # transformers runs FP4 in bfloat16 only
     compress.quantize(model, GPTQConfig(bits=4, group_size=32, overrides=mix), calib=_calib(calib_ids),

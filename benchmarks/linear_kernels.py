@@ -1,10 +1,10 @@
 """Speed of the int4 / int8 / NVFP4 / MXFP4 quantized matmul against bf16 ``torch.nn.functional.linear``.
 
-    python benchmarks/kernels.py                          # H100: Llama-3-8B shapes, M = 1 .. 256
-    python benchmarks/kernels.py --bits 8                 # int8 per-channel weights instead
-    python benchmarks/kernels.py --format nvfp4           # NVFP4 W4A16 (E2M1, fp8 scale per 16)
-    python benchmarks/kernels.py --format mxfp4           # MXFP4 W4A16 (E2M1, E8M0 scale per 32)
-    TRITON_INTERPRET=1 python benchmarks/kernels.py --device cpu --shapes 96x40 --batches 1,3 --repeat 1
+    python benchmarks/linear_kernels.py                          # H100: Llama-3-8B shapes, M = 1 .. 256
+    python benchmarks/linear_kernels.py --bits 8                 # int8 per-channel weights instead
+    python benchmarks/linear_kernels.py --format nvfp4           # NVFP4 W4A16 (E2M1, fp8 scale per 16)
+    python benchmarks/linear_kernels.py --format mxfp4           # MXFP4 W4A16 (E2M1, E8M0 scale per 32)
+    TRITON_INTERPRET=1 python benchmarks/linear_kernels.py --device cpu --shapes 96x40 --batches 1,3 --repeat 1
 
 For each layer shape (in_features x out_features) and batch M: the median time of our kernel
 (int4 group 128 symmetric, or the FP4 format, with the config the autotuner picks) and of bf16
@@ -32,7 +32,7 @@ import torch
 
 from compress.kernels.dequant_linear import dequant_linear, triton_unsupported
 from compress.kernels.fp4_linear import BLOCK, fp4_linear
-from compress.quant.packing import pack_int32
+from compress.kernels.packing import pack_int32
 from compress.report import machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     reason = triton_unsupported(device, torch.bfloat16, args.bits)
     if reason:
-        print(f"benchmarks/kernels.py: {reason}", file=sys.stderr)
+        print(f"benchmarks/linear_kernels.py: {reason}", file=sys.stderr)
         return 2
     torch.manual_seed(0)
     bench = timer(device, not args.no_graphs, args.repeat)
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     suffix = "" if args.format == "int" else f"-{args.format}"
     out = args.json_out or ROOT / "benchmarks" / "results" / f"kernels-{name.replace(' ', '_')}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": "python benchmarks/kernels.py " + " ".join(argv or sys.argv[1:]),
+    out.write_text(json.dumps({"command": "python benchmarks/linear_kernels.py " + " ".join(argv or sys.argv[1:]),
                                "machine": machine(), "copy_bandwidth_Bps": copy_bw,
                                "graphs": device.type == "cuda" and not args.no_graphs, "rows": rows}, indent=2)
                    + "\n")

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from compress.quant.packing import pack_int32, packed_words, unpack_int32
+from compress.kernels.packing import pack_int32, packed_words, unpack_int32
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
