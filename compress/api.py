@@ -30,7 +30,7 @@ def apply(model: nn.Module, cfg: MethodConfig, calib=None, *, device=None, batch
 def _entry(area: str, call: str, what: str, cfg: MethodConfig) -> None:
     method = method_of(cfg)
     if method.area != area:
-        raise ConfigError(f"{call}() takes {what} config, got {type(cfg).__name__} (method {method.name!r}, "
+        raise ConfigError(f"{call}() takes {what}, got {type(cfg).__name__} (method {method.name!r}, "
                           f"area {method.area!r}); use compress.apply for any method")
 
 
@@ -44,7 +44,7 @@ def quantize(model: nn.Module, cfg: MethodConfig, calib=None, *, device=None, ba
     (default: CUDA when available, else CPU), ``batch_size`` samples per forward chunk.
     Returns a dict of per-module records (loss, damping, fallbacks).
     """
-    _entry("quantize", "quantize", "a quantization", cfg)
+    _entry("quantize", "quantize", "a quantization config", cfg)
     return apply(model, cfg, calib, device=device, batch_size=batch_size, progress=progress)
 
 
@@ -54,7 +54,7 @@ def prune(model: nn.Module, cfg: MethodConfig, calib=None, *, device=None, batch
     (weights set to zero, unstructured or N:M), or StructuredConfig (MLP channels, attention
     heads or whole layers removed: a smaller dense model). Wanda, SparseGPT and activation-ranked
     structured pruning walk the decoder layers with ``calib``. Returns per-module records."""
-    _entry("prune", "prune", "a pruning", cfg)
+    _entry("prune", "prune", "a pruning config", cfg)
     return apply(model, cfg, calib, device=device, batch_size=batch_size, progress=progress)
 
 
@@ -65,6 +65,6 @@ def distill(model: nn.Module, cfg: MethodConfig, calib=None, *, teacher, device=
     teacher, merged under the sparsity mask (dense/pruned layers) or kept as a low-rank
     correction / requantized (quantized layers). ``batch_size`` is the micro-batch size.
     Returns a DistillResult (steps, losses, terms)."""
-    _entry("distill", "distill", "a DistillConfig or other distillation", cfg)
+    _entry("distill", "distill", "a DistillConfig", cfg)
     return apply(model, cfg, calib, device=device, batch_size=batch_size, progress=progress, teacher=teacher,
                  state_path=state_path)
