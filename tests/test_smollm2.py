@@ -6,7 +6,7 @@ import torch
 
 import compress
 from compress.quant.linear import QuantLinear
-from conftest import SHARED_DATA as DATA, SMOLLM2 as MODEL, require_smollm2
+from conftest import SHARED_DATA as DATA, SMOLLM2 as MODEL, ct_simulates_kv_cache, require_smollm2
 
 pytestmark = pytest.mark.slow
 
@@ -97,7 +97,10 @@ def test_kv_caches_cost_little_at_8_and_4_bits_and_fp8_exports_for_transformers(
     int2 = through(compress.KVCacheConfig("int2", residual_length=0))
     int2_window = through(compress.KVCacheConfig("int2", residual_length=128))
     assert abs(int8 - float_ppl) < 0.005 * float_ppl
-    assert float_ppl < int4 < 1.04 * float_ppl < int2 and int2_window < int2       # no window: the harshest case
+    # int4 noise moves four windows by well under 1% either way (here it lowers the figure, 25.075 vs
+    # 25.090); int2 without a window is the harshest case, and the window must pay for itself
+    assert int4 != float_ppl and abs(int4 - float_ppl) < 0.01 * float_ppl
+    assert 1.04 * float_ppl < int2 and int2_window < int2
 
     calib = compress.calibration_data(tok, DATA / "wikitext-2" / "valid.txt", samples=8, seqlen=256)
     compress.quantize(model, compress.KVCacheConfig("fp8", fp8_scale="head"), calib=calib, progress=False)
@@ -106,10 +109,15 @@ def test_kv_caches_cost_little_at_8_and_4_bits_and_fp8_exports_for_transformers(
     ids = tok("The tower is 324 metres tall, about the same height as an 81-storey building.",
               return_tensors="pt").input_ids
     ours, _ = compress.load_model(path)
-    theirs = AutoModelForCausalLM.from_pretrained(path)                   # compressed-tensors simulates fp8 K/V
+    theirs = AutoModelForCausalLM.from_pretrained(path)                   # compressed-tensors, without our package
     with torch.no_grad():
-        assert torch.equal(ours(ids, past_key_values=compress.kv_cache(ours), use_cache=True).logits,
-                           theirs(ids).logits)
+        logits = ours(ids, past_key_values=compress.kv_cache(ours), use_cache=True).logits
+        dense = ours(ids).logits
+        reference = theirs(ids).logits
+    assert not torch.allclose(logits, dense, atol=1e-4)                   # the fp8 cache really acted
+    # where transformers' compressed-tensors integration skips the KV scheme (see conftest) it
+    # computes the dense model: then that is what must come out, exactly
+    assert torch.equal(reference, logits if ct_simulates_kv_cache(theirs) else dense)
 
 
 def test_wanda_2of4_beats_magnitude_lora_recovers_and_the_compact_checkpoint_reloads(tmp_path):

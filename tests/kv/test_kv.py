@@ -14,7 +14,7 @@ from compress.evaluation import perplexity_through_cache
 from compress.kv import kv_cache, kv_config_of, kv_scales_of
 from compress.kv.config import KVCacheConfig
 from compress.recipe import recipe_from_dict
-from conftest import tiny_model
+from conftest import ct_simulates_kv_cache, tiny_model
 
 
 @pytest.mark.parametrize("granularity, shape", [("tensor", (1,)), ("head", (2, 1, 1))])
@@ -70,18 +70,13 @@ def test_fp8_export_loads_in_compress_and_transformers_with_identical_logits(tmp
         theirs = reference(ids).logits
         dense = ours(ids).logits
     assert not torch.allclose(logits, dense, atol=1e-4)                       # the fp8 cache really acted
-    if _ct_simulates_kv_cache(reference):
+    if ct_simulates_kv_cache(reference):
         assert torch.equal(logits, theirs)                                    # compressed-tensors simulates fp8 K/V
     else:
         # compressed-tensors 0.20.1 recognises an attention module by a `past_key_value(s)` argument,
         # which transformers 5.25 renamed to `cache`: it then loads the checkpoint without its fp8 KV
         # simulation (k_scale/v_scale reported unexpected) and computes the dense model exactly.
         assert torch.equal(theirs, dense)
-
-
-def _ct_simulates_kv_cache(model) -> bool:
-    """Whether transformers' compressed-tensors integration attached its KV-cache quantizer."""
-    return any(hasattr(m, "kv_cache") and hasattr(m, "quantization_scheme") for m in model.modules())
 
 
 def test_integer_kv_configs_travel_in_config_json_only(tmp_path, tokenizer):
