@@ -72,10 +72,7 @@ def test_fp8_export_loads_in_compress_and_transformers_with_identical_logits(tmp
     assert not torch.allclose(logits, dense, atol=1e-4)                       # the fp8 cache really acted
     if ct_simulates_kv_cache(reference):
         assert torch.equal(logits, theirs)                                    # compressed-tensors simulates fp8 K/V
-    else:
-        # compressed-tensors 0.20.1 recognises an attention module by a `past_key_value(s)` argument,
-        # which transformers 5.25 renamed to `cache`: it then loads the checkpoint without its fp8 KV
-        # simulation (k_scale/v_scale reported unexpected) and computes the dense model exactly.
+    else:                                                                     # the KV scheme skipped (see conftest)
         assert torch.equal(theirs, dense)
 
 
