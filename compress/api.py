@@ -9,6 +9,8 @@ from torch import nn
 from . import methods  # noqa: F401  (registers the built-in methods)
 from .configs import MethodConfig, method_of
 from .errors import ConfigError
+from .guards import check_device, check_finite
+from .structure import prepare_model
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +26,9 @@ def apply(model: nn.Module, cfg: MethodConfig, calib=None, *, device=None, batch
     if unknown:
         raise ConfigError(f"{method.name} takes no option(s) {unknown}"
                           + (f"; it takes {list(method.options)}" if method.options else ""))
+    check_device(device)              # refused here, before any method runs: a device this machine lacks,
+    check_finite(model)               # NaN/inf weights
+    prepare_model(model)              # every weight a pass may compress is an nn.Linear (MoE experts)
     return method.handler(model, cfg, calib, device=device, batch_size=batch_size, progress=progress, **options)
 
 

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -27,9 +28,11 @@ from .kernels.dequant_linear import BACKENDS
 from .loading import load_model
 from .plan.command import add_plan_parser, run_plan
 from .plan.devices import add_devices_parser, load_profile, match_local_profile, run_devices, save_profile
-from .formats import SCHEMES
+from .formats import SCHEMES, WeightFormat
+from .guards import check_device
 from .kv.config import KV_SCHEMES, KVCacheConfig
 from .recipe import CalibrationSection, EvaluationSection, ExportSection, Recipe, load_recipe, run_recipe
+from .workdir import work_path
 
 log = logging.getLogger("compress")
 
@@ -71,7 +74,9 @@ def _missing_data(command: str, passes) -> int | None:
 
 
 def _group_size(text: str) -> int | None:
-    if text.lower() in ("channel", "none", "-1", "0"):
+    """'channel' (or 'none'): one scale per output channel; else an integer, checked in
+    ``_check_arguments`` (0 and -1 are refused there with a one-line message, not read as 'channel')."""
+    if text.lower() in ("channel", "none"):
         return None
     try:
         return int(text)
@@ -96,7 +101,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="weight format: int (--bits/--group-size grid), nvfp4a16 (FP4 weights, FP8 scale per 16), "
                         "nvfp4 (W4A4: nvfp4a16 + activations, needs --calib), mxfp4 (FP4, E8M0 scale per 32)")
     q.add_argument("--bits", type=int, default=4)
-    q.add_argument("--group-size", type=_group_size, default=128, help="columns per scale, or 'channel'")
+    # SUPPRESS: left out of args unless given, so the config's default applies and an FP4 scheme
+    # (which fixes its own block) can tell a --group-size the user gave from the default.
+    q.add_argument("--group-size", type=_group_size, default=argparse.SUPPRESS,
+                   help="columns per scale, or 'channel' (default 128; the FP4 schemes fix their own block)")
     q.add_argument("--asymmetric", action="store_true", help="integer zero point per group")
     q.add_argument("--observer", choices=["minmax", "mse"], help="scale choice (default: gptq mse, rtn minmax)")
     q.add_argument("--no-act-order", action="store_true", help="GPTQ: natural column order")
@@ -294,11 +302,88 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    out, before = None, None
     try:
+        out = _output_dir(args)
+        before = _snapshot(out)
+        _check_arguments(args)
         return _COMMANDS[args.command](args)
     except CompressError as exc:
         print(f"compress {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Exports are written to a temporary folder and moved into place, so an interrupt leaves the
+        # output as it was; say so in one line instead of a traceback. 130 = 128 + SIGINT, as shells do.
+        print(f"compress {args.command}: {_interrupted(out, before)}", file=sys.stderr)
+        return 130
+
+
+# Flags that count something and must be at least 1, with what to do instead.
+_AT_LEAST_ONE = {"max_windows": "omit --max-windows to evaluate every window",
+                 "batch_size": "omit --batch-size for the default"}
+# The subcommands whose --device is a torch device (plan's names a device profile).
+_DEVICE_COMMANDS = ("quantize", "prune", "eval", "bench")
+
+
+def _check_arguments(args) -> None:
+    """Refuse flag values that cannot work before any model is loaded (ConfigError: one line, exit 2)."""
+    group_size = getattr(args, "group_size", None)
+    if group_size is not None and group_size <= 0:
+        raise ConfigError(f"--group-size {group_size}: a group size is a positive number of input columns per "
+                          f"scale; for one scale per output channel (what -1 means in other GPTQ tools) pass "
+                          f"--group-size channel")
+    for name, fix in _AT_LEAST_ONE.items():
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {value}: must be at least 1; {fix}")
+    if args.command in _DEVICE_COMMANDS:
+        check_device(args.device, "--device")
+    if args.command == "quantize" and args.scheme != "int" and "group_size" in args:
+        block = WeightFormat.from_scheme(args.scheme).group_size
+        if args.group_size != block:
+            given = "channel" if args.group_size is None else args.group_size
+            raise ConfigError(f"--group-size {given} does not apply to --scheme {args.scheme}: its block is fixed "
+                              f"at {block} inputs; drop --group-size (or use --scheme int for integer groups)")
+
+
+def _output_dir(args) -> Path | None:
+    """The directory the command exports to (None: it writes none), as the run will resolve it."""
+    if args.command in ("quantize", "prune"):
+        return Path(args.output)
+    if args.command != "run":
+        return None
+    if args.output:
+        return Path(args.output)
+    recipe = load_recipe(args.recipe)           # read again by _run; cheap, and errors surface the same
+    return Path(recipe.path(recipe.export.output)) if recipe.export else None
+
+
+def _snapshot(path: Path | None) -> tuple[int, int] | None:
+    """(inode, mtime) of ``path``, None when it does not exist: tells whether an export replaced it."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def _interrupted(out: Path | None, before: tuple[int, int] | None) -> str:
+    """The one line a Ctrl-C gets: what became of the output directory, and how to resume."""
+    if out is None:
+        return "interrupted"
+    now = _snapshot(out)
+    if now is None and before is None:
+        line = f"interrupted; nothing was written to {out}"
+    elif now == before:
+        line = f"interrupted; {out} was left as it was"
+    else:
+        line = f"interrupted while {out} was being written; check it, or rerun with --overwrite"
+    work = work_path(out)
+    if work.is_dir():
+        line += f" (finished passes are kept in {work}: rerun the same command to resume)"
+    return line
 
 
 def _quantize(args) -> int:
@@ -312,9 +397,11 @@ def _quantize(args) -> int:
             print("compress quantize: error: --method none quantizes nothing; add --kv-cache SCHEME", file=sys.stderr)
             return 2
         return _run_passes(args, passes)
-    flags = dict(bits=args.bits, group_size=args.group_size, symmetric=not args.asymmetric,
+    flags = dict(bits=args.bits, symmetric=not args.asymmetric,
                  partial_groups=args.partial_groups, ignore=list(args.ignore), scheme=args.scheme,
                  act_order=not args.no_act_order, damp=args.damp)
+    if "group_size" in args:
+        flags["group_size"] = args.group_size
     if args.observer:
         flags["observer"] = args.observer
     cfg = _method_config(args.method, flags, args.settings, "command line")

@@ -28,7 +28,7 @@ from .errors import ConfigError
 # quantize -> compress.quantize, prune -> compress.prune, distill -> compress.distill; retrain has none.
 AREAS = ("quantize", "prune", "retrain", "distill")
 # What a method may observe in the layer walk (informational; the method builds its own statistics).
-STATISTICS = (None, "input", "hessian", "activation", "layer")
+STATISTICS = (None, "input", "hessian", "activation", "layer", "routing")
 # Options the recipe runner knows how to supply, beyond the engine's (device, batch_size, progress):
 # teacher: the uncompressed model or its cached targets; state_path: a file for resumable training state.
 RUNNER_OPTIONS = ("teacher", "state_path")

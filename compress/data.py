@@ -22,6 +22,9 @@ from .errors import DataError, MissingPathError
 log = logging.getLogger(__name__)
 
 _FILE_SUFFIXES = {".txt", ".text", ".raw", ".md", ".json", ".jsonl", ".tokens"}
+# A file is refused as not text when more than this share of its characters fail to decode as UTF-8
+# (a few stray Latin-1 bytes in real text are replaced and logged instead).
+_MAX_UNDECODABLE = 0.05
 
 
 @dataclasses.dataclass
@@ -54,7 +57,7 @@ def read_text(source: str | os.PathLike, split: str = "test", text_field: str = 
     if path.is_file():
         if path.suffix in (".json", ".jsonl"):
             return _read_json_text(path, text_field)
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = _read_file_text(path)
         if not text.strip():
             raise DataError(f"{path} is empty; give a file with text in it")
         return text
@@ -66,8 +69,27 @@ def read_text(source: str | os.PathLike, split: str = "test", text_field: str = 
     return _read_hub_text(str(source), split, text_field)
 
 
+def _read_file_text(path: Path) -> str:
+    """The file's text, decoded as UTF-8; DataError naming the file when it is binary (NUL bytes:
+    an executable, an archive, a tensor file, UTF-16 text) or mostly not UTF-8."""
+    raw = path.read_bytes()
+    fix = "give a UTF-8 text file (or .json/.jsonl records, or a hub dataset NAME[:CONFIG][@SPLIT])"
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{path} is UTF-16 text; convert it to UTF-8 (iconv -f UTF-16 -t UTF-8) or {fix}")
+    nul = raw.count(0)
+    if nul:
+        raise DataError(f"{path} is a binary file, not text ({nul} NUL bytes in {len(raw)} bytes); {fix}")
+    text = raw.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - raw.count("\ufffd".encode())        # replacements decoding made
+    if bad > _MAX_UNDECODABLE * len(text):
+        raise DataError(f"{path} is not UTF-8 text ({bad} of its {len(text)} characters do not decode); {fix}")
+    if bad:
+        log.warning("%s: %d character(s) not UTF-8, replaced by U+FFFD", path, bad)
+    return text
+
+
 def _read_json_text(path: Path, text_field: str) -> str:
-    raw = path.read_text(encoding="utf-8")
+    raw = _read_file_text(path)
     try:
         records = ([json.loads(line) for line in raw.splitlines() if line.strip()] if path.suffix == ".jsonl"
                    else json.loads(raw))

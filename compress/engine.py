@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 from .errors import ConfigError, DataError
 from .modeling import (find_decoder_layers, fused_groups, module_device, name_matches, onloaded,
                        tied_parameter_names)
+from .moe import expert_of, router_names
 
 log = logging.getLogger(__name__)
 
@@ -94,21 +95,35 @@ class LayerMethod:
 LayerwiseMethod = LayerMethod
 
 
+class Records(dict):
+    """What a weight method returns: module name -> its record, plus ``summary``, facts about the
+    whole pass for the run report (e.g. ``{"experts": {tokens per expert ...}}``)."""
+
+    summary: dict
+
+    def __init__(self, records: dict, summary: dict | None = None):
+        super().__init__(records)
+        self.summary = summary or {}
+
+
 class LayerInputs:
     """The calibration inputs of one decoder layer, as ``prepare_layer`` sees them."""
 
     def __init__(self, layer: nn.Module, chunks: list[Chunk]):
         self.layer, self.chunks = layer, chunks
 
-    def observe(self, modules: dict[str, nn.Module], new_stats: Callable[[nn.Module], Any]) -> dict[str, Any]:
+    def observe(self, modules: dict[str, nn.Module], new_stats: Callable[[nn.Module], Any], *,
+                select: Callable[[tuple, dict], Any] | None = None) -> dict[str, Any]:
         """Run every chunk through the layer as it is now, feeding each module's input to its own
         statistics (``new_stats(module)``, an object with ``add(x)``); a chunk's forward stops once
-        every module has seen it. Returns name -> statistics."""
+        every module has seen it. ``select(args, kwargs)`` picks what ``add`` gets (default: the
+        first input). Returns name -> statistics."""
         stats = {name: new_stats(module) for name, module in modules.items()}
         seen: set[str] = set()
+        select = select or _input_of
 
         def hook(module, args, kwargs, name):
-            stats[name].add(_input_of(args, kwargs))
+            stats[name].add(select(args, kwargs))
             seen.add(name)
             if len(seen) == len(stats):
                 raise _StopForward
@@ -181,9 +196,13 @@ def select_linears(model: nn.Module, ignore: list[str], *, verb: str, left: str,
     ``check(name, module)`` (which may also raise a ConfigError for a shape the method cannot take).
     ``verb`` ("quantize", "prune") and ``after`` word the error when nothing is left."""
     tied = tied_parameter_names(model)
+    routers = set(router_names(model))
+    if routers:
+        log.info("%d MoE router(s) stay dense (e.g. %s), as vLLM and transformers expect", len(routers),
+                 sorted(routers)[0])
     targets = {}
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or name_matches(name, ignore):
+        if not isinstance(module, nn.Linear) or name_matches(name, ignore) or name in routers:
             continue
         if name in tied:
             log.warning("%s shares its weight with another module (tied embeddings); left %s", name, left)
@@ -355,9 +374,12 @@ def trace_groups(layer: nn.Module, chunk: Chunk, targets: dict[str, nn.Module]) 
     ordered = list(groups.values())
     missing = [n for n in targets if n not in done]
     if missing:
-        log.warning("%d target(s) did not run on the traced sample and will be solved last: %s",
-                    len(missing), ", ".join(missing[:4]))
-    return ordered + [[n] for n in missing]
+        # Experts the traced sample did not route to are expected; anything else is worth a warning.
+        level = logging.DEBUG if all(expert_of(n) for n in missing) else logging.WARNING
+        log.log(level, "%d target(s) did not run on the traced sample and will be solved last: %s",
+                len(missing), ", ".join(missing[:4]))
+    # Siblings that read one input (an expert's gate/up) still form one group.
+    return ordered + fused_groups(missing)
 
 
 def _solve_in_one_pass(layer, chunk: Chunk, groups, targets, method: LayerMethod, prefix: str) -> Chunk:
@@ -382,15 +404,20 @@ def _solve_in_one_pass(layer, chunk: Chunk, groups, targets, method: LayerMethod
 
 
 def _solve_group_by_group(layer, chunks: list[Chunk], groups, targets, method: LayerMethod, prefix: str) -> None:
-    for group in groups:
-        first = targets[group[0]]
-        stats = method.new_stats(first)
+    """Several chunks: one pass over the chunks per wave of groups (``expert_waves``: the experts of an
+    MoE block are observed together, a bounded number of Hessians at a time; any other group alone,
+    its forward stopped once it has its input), then the wave's groups are solved."""
+    for wave in expert_waves(groups, targets, prefix):
+        stats = [method.new_stats(targets[group[0]]) for group in wave]
+        alone = len(wave) == 1
 
-        def observe(module, args, kwargs):
-            stats.add(_input_of(args, kwargs))
-            raise _StopForward
+        def observe(module, args, kwargs, i):
+            stats[i].add(_input_of(args, kwargs))
+            if alone:
+                raise _StopForward
 
-        handle = first.register_forward_pre_hook(observe, with_kwargs=True)
+        handles = [targets[group[0]].register_forward_pre_hook(
+            lambda m, a, k, i=i: observe(m, a, k, i), with_kwargs=True) for i, group in enumerate(wave)]
         try:
             for chunk in chunks:
                 try:
@@ -398,9 +425,54 @@ def _solve_group_by_group(layer, chunks: list[Chunk], groups, targets, method: L
                 except _StopForward:
                     pass
         finally:
-            handle.remove()
-        method.solve([prefix + n for n in group], [targets[n] for n in group], stats)
+            for h in handles:
+                h.remove()
+        for group, group_stats in zip(wave, stats):
+            method.solve([prefix + n for n in group], [targets[n] for n in group], group_stats)
+        del stats
 
 
-__all__ = ["compress_layers", "run_layerwise", "capture_layer_inputs", "trace_groups", "LayerMethod", "LayerInputs",
+# Float statistics (Hessians) one wave of expert groups may hold at once in the chunked path.
+WAVE_STATS_BYTES = 1 << 30
+
+
+def expert_waves(groups: list[list[str]], targets: dict[str, nn.Module], prefix: str) -> list[list[list[str]]]:
+    """``groups`` (in execution order) as waves observed in one pass each. Experts of one MoE block do
+    not read each other's outputs, so their first groups (gate/up) form waves, then their second
+    groups (down), each wave holding at most WAVE_STATS_BYTES of float32 Hessians; every other group
+    is a wave of its own, in order. The order stays valid: an expert's down projection comes after its
+    own gate/up, and nothing outside the block is reordered past it."""
+    waves: list[list[list[str]]] = []
+    pending: dict[tuple[str, int], list[list[str]]] = {}       # (block, stage) -> groups, block in progress
+    stage_of: dict[tuple[str, int], int] = {}                  # (block, expert) -> groups seen so far
+
+    def flush():
+        for key in sorted(pending, key=lambda k: k[1]):
+            wave, size = [], 0
+            for group in pending[key]:
+                n = 4 * getattr(targets[group[0]], "in_features", 0) ** 2
+                if wave and size + n > WAVE_STATS_BYTES:
+                    waves.append(wave)
+                    wave, size = [], 0
+                wave.append(group)
+                size += n
+            waves.append(wave)
+        pending.clear()
+
+    for group in groups:
+        where = expert_of(prefix + group[0])
+        if where is None:
+            flush()
+            waves.append([group])
+            continue
+        if pending and next(iter(pending))[0] != where[0]:
+            flush()
+        stage = stage_of.get(where, 0)
+        stage_of[where] = stage + 1
+        pending.setdefault((where[0], stage), []).append(group)
+    flush()
+    return waves
+
+
+__all__ = ["Records", "compress_layers", "run_layerwise", "capture_layer_inputs", "trace_groups", "LayerMethod", "LayerInputs",
            "select_linears", "write_rows", "module_device"]

@@ -24,6 +24,7 @@ from transformers import DynamicCache
 from .data import windows
 from .engine import check_seqlen
 from .errors import ConfigError
+from .guards import check_finite
 # Aliased: evaluate() and generate() take a ``kv_cache`` argument.
 from .kv.attention import kv_cache as quantized_cache
 from .kv.config import KVCacheConfig
@@ -113,9 +114,16 @@ def evaluate(model: nn.Module, tokenizer, data: str | os.PathLike, *, seqlen: in
 
     ``kv_cache``: a KVCacheConfig decodes the windows through that quantized cache, ``kv_chunk``
     tokens per step; None uses the config the model carries (after a ``kv_cache`` pass) if any;
-    False forces the plain full-sequence forward."""
+    False forces the plain full-sequence forward. Refuses a ``max_windows`` or ``batch_size`` below 1
+    and NaN/inf weights (ConfigError, CheckpointError) before reading the data."""
     start = time.perf_counter()
+    if max_windows is not None and max_windows < 1:
+        raise ConfigError(f"max_windows must be at least 1, got {max_windows}; leave it unset (None) to "
+                          f"evaluate every window")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1 (windows per forward), got {batch_size}")
     check_seqlen(model, seqlen)
+    check_finite(model)
     kv = kv_config_of(model) if kv_cache is None else (kv_cache or None)
     ids = windows(tokenizer, data, seqlen, split=split, text_field=text_field)
     if max_windows is not None:

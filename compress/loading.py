@@ -28,6 +28,7 @@ from .checkpoint.load import load_compressed, unsupported_model
 from .checkpoint.safetensors_io import check_directory
 from .checkpoint.sparse_layout import CONFIG_KEY as SPARSITY_KEY
 from .errors import CheckpointError, MissingPathError, ModelLoadError
+from .guards import check_device
 from .kernels.dequant_linear import check_backend
 from .runtime import set_backend
 
@@ -76,6 +77,7 @@ def load_model(source: str | os.PathLike, *, dtype: str | torch.dtype | None = "
     larger than memory; ``device`` moves a fully loaded model. ``backend`` (auto | torch | triton)
     is the kernel backend of the packed layers of a compressed checkpoint (see compress.set_backend)."""
     check_backend(backend)
+    check_device(device)
     resolved = resolve_source(source)
     torch_dtype = resolve_dtype(dtype)
     if isinstance(resolved, Path) and resolved.is_dir() and not (resolved / "config.json").is_file():

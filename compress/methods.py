@@ -6,6 +6,7 @@ beside its handler; importing this module makes them all known to api, CLI and r
     magnitude, wanda,   compress/pruning/apply.py
     sparsegpt
     structured          compress/pruning/structured.py
+    expert_prune        compress/pruning/experts.py
     lora                compress/lora/train.py
     distill             compress/distillation/apply.py
 
@@ -17,5 +18,6 @@ from .distillation import apply as _distillation  # noqa: F401
 from .kv import attention as _kv  # noqa: F401
 from .lora import train as _lora  # noqa: F401
 from .pruning import apply as _pruning  # noqa: F401
+from .pruning import experts as _experts  # noqa: F401
 from .pruning import structured as _structured  # noqa: F401
 from .quant import apply as _quant  # noqa: F401

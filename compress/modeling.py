@@ -131,8 +131,8 @@ def _get_tensor(module: nn.Module, name: str) -> torch.Tensor:
 
 
 # Sibling projections that serving engines fuse into one matrix (vLLM's qkv_proj, gate_up_proj):
-# formats with a per-tensor scale (NVFP4) must give them one shared scale.
-FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# formats with a per-tensor scale (NVFP4) must give them one shared scale. w1/w3: Mixtral's expert gate/up.
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 
 
 def fused_groups(names: list[str]) -> list[list[str]]:

@@ -35,6 +35,7 @@ from .configs import MethodConfig, build_dataclass, config_from_dict, method_of
 from .data import calibration_data
 from .errors import ConfigError, MissingPathError
 from .evaluation import evaluate
+from .guards import check_device
 from .kernels.dequant_linear import check_backend
 from .loading import load_model
 from .report import Report, StageRow, summarize
@@ -71,6 +72,15 @@ class EvaluationSection:
     baseline: bool = True               # also evaluate the model before the first pass
     sample_prompt: str | None = None    # print a short greedy continuation after each evaluation
     kv_chunk: int = 1                   # with a quantized KV cache: tokens per forward through it (1 = decode)
+
+    def __post_init__(self):
+        # Checked here, not only in evaluate(): without a baseline the first evaluation comes after a pass.
+        if self.max_windows is not None and self.max_windows < 1:
+            raise ConfigError(f"max_windows must be at least 1, got {self.max_windows}; leave it out to "
+                              f"evaluate every window")
+        for key in ("batch_size", "kv_chunk"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
 
 
 @dataclasses.dataclass
@@ -183,6 +193,7 @@ def run_recipe(recipe: Recipe, *, output: str | Path | None = None, overwrite: b
     (``workdir.py``); a rerun of an interrupted recipe starts after its last finished stage
     (``resume=False``: start from the beginning). The work directory goes once the export is written.
     """
+    check_device(recipe.device)             # before loading: a device this machine lacks fails in one line
     report = Report(meta={"recipe": recipe.to_dict(), "compress_version": __version__})
     out_dir = Path(output) if output is not None else (recipe.path(recipe.export.output) if recipe.export else None)
     work = WorkDir.beside(out_dir, recipe) if out_dir is not None else None
@@ -239,6 +250,7 @@ def _run_pass(i: int, cfg: MethodConfig, model, tok, recipe: Recipe, teachers: d
         detail["result"] = records.to_dict()
     else:
         detail["modules"] = len(records or {})
+        detail.update(getattr(records, "summary", None) or {})      # e.g. tokens per MoE expert
     row = report.add(StageRow(_stage_name(cfg), time.perf_counter() - start, **summarize(model), detail=detail))
     if work is not None:
         row.disk_bytes = work.checkpoint(model, tok, i)

@@ -36,6 +36,12 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 
 
+def work_path(output: str | os.PathLike) -> Path:
+    """The work directory of a recipe exporting to ``output``: ``<output>.work`` beside it."""
+    output = Path(output).expanduser().resolve()
+    return output.with_name(output.name + ".work")
+
+
 def stage_fingerprints(recipe) -> list[str]:
     """fingerprints[i]: a digest of everything that determines the model after pass i (and its row)."""
     d = recipe.to_dict()
@@ -62,8 +68,7 @@ class WorkDir:
 
     @classmethod
     def beside(cls, output: str | os.PathLike, recipe) -> WorkDir:
-        output = Path(output).expanduser().resolve()
-        return cls(output.with_name(output.name + ".work"), stage_fingerprints(recipe))
+        return cls(work_path(output), stage_fingerprints(recipe))
 
     # Both file names carry the pass's fingerprint: a file left by a run of another recipe (another
     # model, other earlier passes) is never picked up.

@@ -118,3 +118,19 @@ def test_no_benchmark_script_shadows_an_importable_module():
 
     shadowing = [s for s in scripts if s in sys.stdlib_module_names or installed(s)]
     assert not shadowing, f"benchmarks/{shadowing[0]}.py shadows an importable module; rename it"
+
+
+def test_moe_benchmark_tiny(tmp_path, capsys):
+    moe = _script("moe")
+    out = tmp_path / "moe.json"
+    assert moe.main(["--tiny", "--samples", "2", "--seqlen", "64", "--min-tokens", "16", "--quiet",
+                     "--output", str(out)]) == 0
+    data = json.loads(out.read_text())
+    topk, every = data["results"]
+    assert not topk["route_all_experts"] and every["route_all_experts"]
+    assert topk["quantized_linears"] == 2 * (16 * 3 + 4)           # every expert projection and q/k/v/o
+    tokens = topk["tokens_per_expert"]
+    assert tokens["experts"] == 32 and tokens["min"] <= tokens["median"] <= tokens["max"] < 2 * 64
+    # one Hessian group at a time: far below all of a layer's experts' Hessians at once
+    assert 0 < topk["hessian_peak_bytes"] <= topk["all_expert_hessians_one_layer_bytes"] / 8
+    assert every["tokens_per_expert"]["rtn_fallback"] == 0 and "tokens/expert" in capsys.readouterr().out

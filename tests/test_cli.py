@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import compress
 from compress.cli import main
@@ -153,3 +154,139 @@ def test_prune_structured_and_errors(base, text_file, tmp_path, capsys):
     assert main(["prune", str(base), "--method", "wanda", "--bits", "4", "--calib", str(text_file),
                  "--output", str(tmp_path / "y")]) == 2
     assert "needs --method sparsegpt" in capsys.readouterr().err
+
+
+def _one_line_error(capsys, *parts) -> str:
+    """The one line of compress's own on the captured stderr (transformers' loading bars aside), with
+    no traceback, holding every one of ``parts``."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("compress ")]
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert all(p in lines[0] for p in parts), lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("bad", ["0", "-1"])
+def test_group_size_zero_or_negative_is_refused_before_writing(base, tmp_path, capsys, bad):
+    out = tmp_path / "q"
+    assert main(["-q", "quantize", str(base), "--method", "rtn", "--group-size", bad, "--output", str(out)]) == 2
+    _one_line_error(capsys, f"--group-size {bad}: a group size is a positive number", "--group-size channel")
+    assert main(["-q", "prune", str(base), "--method", "sparsegpt", "--bits", "4", "--group-size", bad,
+                 "--output", str(out)]) == 2
+    _one_line_error(capsys, f"--group-size {bad}")
+    assert not out.exists()
+    # Negative control: 'channel' is the spelling of one scale per output channel.
+    assert main(["-q", "quantize", str(base), "--method", "rtn", "--group-size", "channel", "--output", str(out)]) == 0
+    assert "channel" in json.dumps(json.loads((out / "config.json").read_text())["quantization_config"])
+
+
+def test_fp4_scheme_refuses_a_group_size_other_than_its_block(base, tmp_path, capsys):
+    out = tmp_path / "q"
+    for scheme, given, block in (("mxfp4", "16", 32), ("nvfp4a16", "32", 16), ("mxfp4", "128", 32),
+                                 ("mxfp4", "channel", 32)):
+        assert main(["-q", "quantize", str(base), "--method", "rtn", "--scheme", scheme, "--group-size", given,
+                     "--output", str(out)]) == 2
+        _one_line_error(capsys, f"--group-size {given} does not apply to --scheme {scheme}: its block is fixed at "
+                                f"{block} inputs; drop --group-size")
+    assert main(["-q", "quantize", str(base), "--method", "rtn", "--scheme", "mxfp4", "--set", "group_size=16",
+                 "--output", str(out)]) == 2
+    _one_line_error(capsys, "scheme 'mxfp4' stores fixed blocks of 32 inputs; group_size 16 does not apply")
+    assert not out.exists()
+    # Negative control: the block itself, or no --group-size at all, quantizes.
+    assert main(["-q", "quantize", str(base), "--method", "rtn", "--scheme", "mxfp4", "--group-size", "32",
+                 "--output", str(out)]) == 0
+    assert main(["-q", "quantize", str(base), "--method", "rtn", "--scheme", "mxfp4", "--output", str(out),
+                 "--overwrite"]) == 0
+
+
+def test_binary_calibration_file_is_refused_before_writing(base, tmp_path, capsys):
+    binary = tmp_path / "calib.txt"
+    binary.write_bytes(bytes(range(256)) * 64)
+    out = tmp_path / "q"
+    assert main(["-q", "quantize", str(base), "--method", "gptq", "--group-size", "32", "--calib", str(binary),
+                 "--calib-samples", "4", "--seqlen", "32", "--output", str(out)]) == 2
+    _one_line_error(capsys, f"{binary} is a binary file, not text", "give a UTF-8 text file")
+    assert not out.exists() and not out.with_name("q.work").exists()
+    assert main(["-q", "eval", str(base), "--data", str(binary), "--seqlen", "32"]) == 2
+    _one_line_error(capsys, f"{binary} is a binary file")
+
+
+def test_non_finite_weights_are_refused_before_writing(tmp_path, tokenizer, capsys):
+    from conftest import tiny_model
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, :2] = float("inf")
+    base = tmp_path / "broken"
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    out = tmp_path / "q"
+    assert main(["-q", "quantize", str(base), "--method", "rtn", "--group-size", "32", "--output", str(out)]) == 2
+    _one_line_error(capsys, "model.layers.1.mlp.up_proj.weight has 2 NaN/inf values; the checkpoint is corrupt")
+    assert not out.exists() and not out.with_name("q.work").exists()
+    assert main(["-q", "eval", str(base), "--data", str(tmp_path / "none.txt")]) == 2   # weights first, then data
+    _one_line_error(capsys, "model.layers.1.mlp.up_proj.weight has 2 NaN/inf values")
+
+
+@pytest.mark.parametrize("flag", ["--max-windows", "--batch-size"])
+def test_eval_counts_below_one_are_refused(base, text_file, tmp_path, capsys, flag):
+    assert main(["-q", "eval", str(base), "--data", str(text_file), "--seqlen", "32", flag, "0"]) == 2
+    _one_line_error(capsys, f"compress eval: error: {flag} 0: must be at least 1; omit {flag}")
+    out = tmp_path / "q"
+    assert main(["-q", "quantize", str(base), "--method", "rtn", "--eval", str(text_file), flag, "-1",
+                 "--output", str(out)]) == 2
+    _one_line_error(capsys, f"{flag} -1: must be at least 1")
+    assert not out.exists()
+
+
+def test_cuda_device_without_cuda_is_refused_in_one_line(base, text_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "q"
+    line = "--device cuda: torch sees no CUDA device on this machine; use --device cpu or omit --device"
+    for argv in (["quantize", str(base), "--method", "rtn", "--output", str(out)],
+                 ["prune", str(base), "--method", "magnitude", "--output", str(out)],
+                 ["eval", str(base), "--data", str(text_file)]):
+        assert main(["-q", *argv, "--device", "cuda"]) == 2
+        _one_line_error(capsys, f"compress {argv[0]}: error: {line}")
+    assert not out.exists()
+
+
+def _interrupt(monkeypatch):
+    import compress.cli
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(compress.cli, "run_recipe", ctrl_c)
+
+
+def test_ctrl_c_exits_130_in_one_line_and_leaves_the_output_alone(base, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "q"
+    argv = ["-q", "quantize", str(base), "--method", "rtn", "--group-size", "32", "--output", str(out)]
+    _interrupt(monkeypatch)
+    assert main(argv) == 130
+    _one_line_error(capsys, f"compress quantize: interrupted; nothing was written to {out}")
+    assert not out.exists()
+
+    monkeypatch.undo()
+    assert main(argv) == 0                                                 # a real checkpoint, then Ctrl-C over it
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    _interrupt(monkeypatch)
+    assert main([*argv, "--overwrite"]) == 130
+    _one_line_error(capsys, f"compress quantize: interrupted; {out} was left as it was")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert main(["-q", "prune", str(base), "--method", "magnitude", "--output", str(tmp_path / "p")]) == 130
+    _one_line_error(capsys, f"compress prune: interrupted; nothing was written to {tmp_path / 'p'}")
+
+
+def test_ctrl_c_in_run_names_the_recipes_output_and_the_work_directory(base, tmp_path, capsys, monkeypatch):
+    import yaml
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"version": 1, "model": str(base),
+                                      "passes": [{"method": "rtn", "bits": 4, "group_size": 32}],
+                                      "export": {"output": "./out"}}))
+    work = tmp_path / "out.work"
+    work.mkdir()                                                           # what an interrupted pass leaves
+    _interrupt(monkeypatch)
+    assert main(["-q", "run", str(recipe)]) == 130
+    _one_line_error(capsys, f"compress run: interrupted; nothing was written to {tmp_path / 'out'} (finished "
+                            f"passes are kept in {work}: rerun the same command to resume)")

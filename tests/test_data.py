@@ -1,4 +1,6 @@
 import json
+import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,6 +44,31 @@ def test_missing_and_empty_files(tmp_path):
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(DataError, match="empty"):
         read_text(tmp_path / "empty.txt")
+
+
+def test_binary_and_non_utf8_files_are_refused_by_name(tmp_path, caplog):
+    rng = torch.Generator().manual_seed(0)
+    cases = {
+        "ls.txt": Path("/bin/ls").read_bytes() if Path("/bin/ls").is_file() else b"\x7fELF\x02\x01\x00" * 64,
+        "random.txt": bytes(torch.randint(0, 256, (4096,), generator=rng, dtype=torch.uint8).tolist()),
+        "records.jsonl": b'{"text": "a"}\n\x00\x01\x02',
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(DataError, match=rf"{name} is a binary file, not text \(\d+ NUL bytes.*UTF-8 text file"):
+            read_text(tmp_path / name)
+    (tmp_path / "latin.txt").write_bytes(bytes(range(0x80, 0x100)) * 8)           # no NULs, none decodes
+    with pytest.raises(DataError, match=r"latin.txt is not UTF-8 text \(1024 of its 1024 characters"):
+        read_text(tmp_path / "latin.txt")
+    (tmp_path / "utf16.txt").write_text("some text", encoding="utf-16")
+    with pytest.raises(DataError, match="utf16.txt is UTF-16 text; convert it to UTF-8"):
+        read_text(tmp_path / "utf16.txt")
+    # Negative control: real text with one stray Latin-1 byte (and a real U+FFFD) is read, with a warning.
+    (tmp_path / "mostly.txt").write_bytes("caf\ufffd ol\u00e9 ".encode() * 50 + b"na\xefve")
+    with caplog.at_level(logging.WARNING, logger="compress.data"):
+        text = read_text(tmp_path / "mostly.txt")
+    assert text.endswith("na\ufffdve") and text.count("\ufffd") == 51
+    assert "1 character(s) not UTF-8, replaced by U+FFFD" in caplog.text
 
 
 def test_json_and_jsonl_records(tmp_path):

@@ -1,9 +1,11 @@
 import math
 
+import pytest
 import torch
 
 import compress
 from compress.data import windows
+from compress.errors import CheckpointError, ConfigError
 from conftest import tiny_model
 
 
@@ -33,3 +35,22 @@ def test_quantization_shows_up_in_perplexity(tokenizer, text_file):
     compress.quantize(model, compress.RTNConfig(bits=2, group_size=32), progress=False)
     after = compress.evaluate(model, tokenizer, text_file, seqlen=32, max_windows=4, progress=False).perplexity
     assert after != before
+
+
+def test_max_windows_and_batch_size_below_one_are_refused(tokenizer, text_file):
+    model = tiny_model("llama")
+    with pytest.raises(ConfigError, match=r"max_windows must be at least 1, got 0; leave it unset \(None\)"):
+        compress.evaluate(model, tokenizer, text_file, seqlen=32, max_windows=0, progress=False)
+    with pytest.raises(ConfigError, match=r"batch_size must be at least 1 \(windows per forward\), got 0"):
+        compress.evaluate(model, tokenizer, text_file, seqlen=32, max_windows=1, batch_size=0, progress=False)
+    assert compress.evaluate(model, tokenizer, text_file, seqlen=32, max_windows=1, batch_size=1,
+                             progress=False).windows == 1
+
+
+def test_non_finite_weights_are_refused_by_name(tokenizer, text_file):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, :3] = float("nan")
+    with pytest.raises(CheckpointError, match=r"model.layers.0.mlp.up_proj.weight has 3 NaN/inf values; the "
+                                              r"checkpoint is corrupt or was overflowed in float16"):
+        compress.evaluate(model, tokenizer, text_file, seqlen=32, max_windows=1, progress=False)

@@ -97,3 +97,21 @@ def test_backend_key_round_trips_and_is_checked():
     assert recipe_from_dict({"version": 1, "model": "m"}).backend == "auto"
     with pytest.raises(ConfigError, match="kernel backend must be one of auto, torch, triton; got 'cuda'"):
         recipe_from_dict({"version": 1, "model": "m", "backend": "cuda"})
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("max_windows", 0, r"evaluation: max_windows must be at least 1, got 0; leave it out"),
+    ("batch_size", 0, r"evaluation: batch_size must be at least 1, got 0"),
+    ("kv_chunk", -1, r"evaluation: kv_chunk must be at least 1, got -1"),
+])
+def test_evaluation_counts_below_one_are_refused_when_the_recipe_is_read(key, value, match):
+    with pytest.raises(ConfigError, match=match):
+        recipe_from_dict({"version": 1, "model": "m", "evaluation": {"data": "x.txt", key: value}})
+    assert recipe_from_dict({"version": 1, "model": "m", "evaluation": {"data": "x.txt", key: 1}})
+
+
+def test_a_recipe_device_this_machine_lacks_is_refused_before_loading(tmp_path, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    recipe = recipe_from_dict({"version": 1, "model": str(tmp_path / "missing"), "device": "cuda"})
+    with pytest.raises(ConfigError, match=r"^device cuda: torch sees no CUDA device on this machine"):
+        run_recipe(recipe, progress=False, echo=lambda *a: None)      # the missing model is never reached

@@ -32,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..conv1d import TransposedLinear
 from ..errors import CheckpointError
 from ..modeling import get_module, set_module
 from ..lora.adapters import LoRALinear, merged_weight
@@ -86,8 +87,10 @@ def _merged_linear(name: str, module: LoRALinear) -> nn.Linear:
                               f"mask_during_training=False to keep them as an adapter")
     with torch.no_grad():
         weight = merged_weight(base.weight, module.lora_A, module.lora_B, module.scale, module.mask)
-    lin = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
-                    device=weight.device, dtype=weight.dtype)
+    # A TransposedLinear base stays one, so the merged weight is written in its family's (Conv1D) layout.
+    cls = TransposedLinear if isinstance(base, TransposedLinear) else nn.Linear
+    lin = cls(base.in_features, base.out_features, bias=base.bias is not None, device=weight.device,
+              dtype=weight.dtype)
     with torch.no_grad():
         lin.weight.copy_(weight)
         if base.bias is not None:

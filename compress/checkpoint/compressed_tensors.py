@@ -15,6 +15,7 @@ A config group's ``format``, ``weights`` and ``input_activations`` are a ``Weigh
 from __future__ import annotations
 
 import json
+import logging
 import re
 from typing import Any
 
@@ -23,11 +24,23 @@ from torch import nn
 from ..errors import CheckpointError
 from ..formats import WeightFormat
 from ..kv.model import kv_config_of, kv_scales_of
+from ..moe import router_names, to_checkpoint_name
 from ..quant.packed import PackedLinear
+
+log = logging.getLogger(__name__)
 
 QUANT_METHOD = "compressed-tensors"
 # The compressed-tensors release whose layout we write (dense bit packing for 3/5/6/7 bits).
 CT_VERSION = "0.20.0"
+# Model types whose transformers weight init reads ``module.weight`` of the family's own nn.Linear
+# subclass without checking it exists (transformers 5.25: FalconPreTrainedModel._init_weights on
+# FalconLinear). transformers runs that init on every module after loading, and compressed-tensors'
+# compressed linears hold weight_packed/weight_scale/weight_shape instead of ``weight``, so
+# from_pretrained fails with "'FalconLinear' object has no attribute 'weight'". Their checkpoints
+# ask transformers to dequantize while loading ("dequantize": true, a CompressedTensorsConfig field;
+# compressed-tensors' QuantizationConfig and vLLM ignore it). tests/checkpoint/test_families_export.py
+# fails once transformers loads them compressed, to say the entry can go.
+DEQUANTIZE_ON_LOAD = frozenset({"falcon"})
 
 
 def config_group(module: PackedLinear) -> dict[str, Any]:
@@ -69,8 +82,11 @@ def quantization_config(model: nn.Module) -> dict[str, Any] | None:
     # Modules whose config groups read the same share one group (a format's layers with and without
     # a narrower last group do: compressed-tensors does not record partial groups).
     by_group: dict[str, tuple[dict[str, Any], list[str]]] = {}
-    dense_linears: list[str] = []
+    dense_linears: list[str] = list(router_names(model))       # MoE routers are never quantized
+    model_type = getattr(getattr(model, "config", None), "model_type", "")
     for name, module in model.named_modules():
+        if name in dense_linears:
+            continue
         if getattr(module, "sparse_layout", False):
             dense_linears.append(name)         # our compact 2:4 layout: compress_sparsity describes it
         elif isinstance(module, PackedLinear):
@@ -81,12 +97,15 @@ def quantization_config(model: nn.Module) -> dict[str, Any] | None:
     if not by_group and kv is None:
         return None
     groups = {}
+    # Names as the checkpoint spells them (Mixtral's experts live under block_sparse_moe there).
+    dense_linears = [to_checkpoint_name(model_type, n) for n in dense_linears]
     for i, (group, names) in enumerate(by_group.values()):
         # One group: target the class; several: each group names its modules exactly.
-        targets = ["Linear"] if len(by_group) == 1 else sorted(names)
+        targets = ["Linear"] if len(by_group) == 1 else sorted(to_checkpoint_name(model_type, n) for n in names)
         groups[f"group_{i}"] = {**group, "targets": targets}
     formats = {group["format"] for group, _ in by_group.values()} or {"dense"}
     return {
+        **_load_options(model_type, len(by_group)),
         "config_groups": groups,
         "format": formats.pop() if len(formats) == 1 else "mixed-precision",
         "global_compression_ratio": None,
@@ -98,6 +117,20 @@ def quantization_config(model: nn.Module) -> dict[str, Any] | None:
         "transform_config": {},
         "version": CT_VERSION,
     }
+
+
+def _load_options(model_type: str, n_groups: int) -> dict[str, Any]:
+    """transformers load options a checkpoint of this family needs (see DEQUANTIZE_ON_LOAD)."""
+    if model_type not in DEQUANTIZE_ON_LOAD or not n_groups:
+        return {}
+    if n_groups == 1:
+        return {"dequantize": True}
+    # transformers' dequantize-on-load decodes every layer with one config group's scheme.
+    log.warning("%s: transformers cannot load this checkpoint (%d config groups): its %s linears must be "
+                "dequantized while loading, which transformers does with a single scheme for all layers; "
+                "compress and vLLM load it. Quantize every layer with one scheme for transformers.",
+                model_type, n_groups, model_type)
+    return {}
 
 
 def _match(name: str, module: nn.Module, patterns: list[str]) -> bool:

@@ -18,9 +18,13 @@ import torch
 from accelerate.utils.modeling import get_state_dict_offloaded_model
 from torch import nn
 
+from ..conv1d import checkpoint_layout, warn_quantized_conv1d
 from ..errors import CheckpointError
+from ..moe import to_checkpoint_name
 from ..quant.grid import num_groups
 from ..quant.linear import QuantLinear
+from ..quant.packed import PackedLinear
+from ..structure import prepare_model
 from ..version import __version__
 from .adapter import CONFIG_KEY as ADAPTER_KEY
 from .adapter import adapter_replacements, write_adapters
@@ -82,6 +86,7 @@ def export(model: nn.Module, tokenizer, path: str | Path, *, overwrite: bool = F
     are merged instead (docs/checkpoint-format.md, "Low-rank correction").
     """
     check_layout(layout)
+    prepare_model(model)          # 3D MoE experts are written per expert, as the family's checkpoints are
     # Unwrap the adapters first: the layouts below then see the base modules they know.
     unwrapped, adapters = adapter_replacements(model)
     with swapped(model, unwrapped):
@@ -98,7 +103,9 @@ def _export(model: nn.Module, tokenizer, path, overwrite: bool, max_shard_bytes:
     _warn_partial_groups(model)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        state = checkpoint_state_dict(model)
+        model_type = getattr(model.config, "model_type", "")
+        state = checkpoint_layout(model, checkpoint_state_dict(model))      # GPT-2's dense Conv1D weights: (in, out)
+        state = {to_checkpoint_name(model_type, k): v for k, v in state.items()}
         meta = {"compress_version": __version__, **(metadata or {})}
         write_state_dict(state, tmp, metadata=meta, max_shard_bytes=max_shard_bytes)
         config = model.config.to_dict()
@@ -108,6 +115,7 @@ def _export(model: nn.Module, tokenizer, path, overwrite: bool, max_shard_bytes:
         qc = quantization_config(model)
         if qc is not None:
             config["quantization_config"] = qc
+            warn_quantized_conv1d(model, _packed_decoder_modules(model))
         config.pop(SPARSITY_KEY, None)
         sparse = sparsity_config(model)
         if sparse is not None:
@@ -150,6 +158,14 @@ def _move_into_place(tmp: Path, path: Path) -> None:
         old.rename(path)                               # put the previous checkpoint back
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _packed_decoder_modules(model: nn.Module) -> list[str]:
+    """The compressed-tensors packed modules of ``model`` but its output head (which transformers
+    always builds as nn.Linear); our compact 2:4 modules are not compressed-tensors ones."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [n for n, m in model.named_modules() if isinstance(m, PackedLinear) and m is not head
+            and not getattr(m, "sparse_layout", False)]
 
 
 def _warn_partial_groups(model: nn.Module) -> None:

@@ -16,13 +16,16 @@ from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from ..conv1d import checkpoint_layout
 from ..errors import CheckpointError, ModelLoadError
 from ..kv.cache import attention_geometry
 from ..kv.config import KVCacheConfig
 from ..kv.model import CONFIG_KEY as KV_CONFIG_KEY
 from ..kv.model import attention_modules
+from ..moe import from_checkpoint_name
 from ..pruning.sparse_linear import Sparse24Linear
 from ..quant.linear import QuantLinear
+from ..structure import prepare_model
 from .adapter import CONFIG_KEY as ADAPTER_KEY
 from .adapter import install_adapters
 from .compressed_tensors import install_quant_linears, parse_kv_cache_scheme
@@ -65,12 +68,17 @@ def load_compressed(directory: Path, dtype="auto") -> nn.Module:
             model = AutoModelForCausalLM.from_config(config, dtype=model_dtype)
     except (ValueError, KeyError) as exc:
         raise unsupported_model(directory, exc) from exc
+    prepare_model(model)                       # per-expert linears, as the checkpoint stores them
+    model_type = getattr(config, "model_type", "")
+    state = {from_checkpoint_name(model_type, k): v for k, v in state.items()}
     if qc:
+        qc = checkpoint_names_to_model(qc, model_type)
         install_quant_linears(model, qc, f"{directory}/config.json")
     if sparse:
         install_sparse_linears(model, sparse, f"{directory}/config.json")
     if qc.get("kv_cache_scheme"):
         install_kv_scales(model, qc["kv_cache_scheme"], f"{directory}/config.json")
+    state = checkpoint_layout(model, state)    # the dense linears that were Conv1D: stored (in, out)
     expected = model.state_dict()
     tied = _tied_keys(model, config)
     missing = [k for k in expected if k not in state and k not in tied]
@@ -103,6 +111,14 @@ def load_compressed(directory: Path, dtype="auto") -> nn.Module:
     if still_meta:
         raise CheckpointError(f"{directory}: no data for {still_meta[:5]}; the checkpoint is incomplete")
     return model.eval()
+
+
+def checkpoint_names_to_model(qc: dict, model_type: str) -> dict:
+    """``qc`` with its module names (config group targets, ignore) spelled as the model names them."""
+    def rename(names):
+        return [from_checkpoint_name(model_type, n) for n in names]
+    groups = {k: {**g, "targets": rename(g.get("targets") or [])} for k, g in (qc.get("config_groups") or {}).items()}
+    return {**qc, "config_groups": groups, "ignore": rename(qc.get("ignore") or [])}
 
 
 def install_kv_scales(model: nn.Module, kv_scheme: dict, where: str) -> None:

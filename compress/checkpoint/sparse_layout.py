@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..conv1d import TransposedLinear
 from ..errors import CheckpointError, ConfigError
 from ..kernels.packing import unpack_int32
 from ..kernels.sparse24_linear import pack_24
@@ -78,11 +79,15 @@ def compact_replacements(model: nn.Module) -> dict[str, Sparse24Linear]:
     _, layers = find_decoder_layers(model)
     layer_ids = {id(m) for m in layers.modules()}
     out: dict[str, Sparse24Linear] = {}
-    skipped = []
+    skipped, transposed = [], []
     for name, module in model.named_modules():
         if id(module) not in layer_ids or isinstance(module, Sparse24Linear):
             continue
-        if isinstance(module, nn.Linear):
+        if isinstance(module, TransposedLinear):
+            # A float Sparse24Linear forgets the family's Conv1D layout, so a later dense export of the
+            # loaded model could not write it back as transformers reads it: these stay dense here.
+            transposed.append(name)
+        elif isinstance(module, nn.Linear):
             w = module.weight.detach()
             if module.in_features % 8 or not (w == 0).any() or not check_nm(w, 2, 4):
                 skipped.append(name)
@@ -94,9 +99,15 @@ def compact_replacements(model: nn.Module) -> dict[str, Sparse24Linear]:
                 skipped.append(name)
             else:
                 out[name] = new
+    if transposed:
+        log.warning("compact layout: %d float linears that are Conv1D in transformers (e.g. %s) are written dense, "
+                    "in Conv1D's layout (compress stores only quantized Conv1D layers as 2:4)", len(transposed),
+                    transposed[0])
     if not out:
         raise CheckpointError("layout 'compact' stores 2:4 sparse linears, and this model has none (prune it "
-                              "with pattern '2:4' first); use layout 'dense'")
+                              "with pattern '2:4' first"
+                              + ("; float Conv1D layers (GPT-2) stay dense, quantize them to int4 to store them "
+                                 "as 2:4" if transposed else "") + "); use layout 'dense'")
     if skipped:
         log.info("compact layout: %d decoder linears are not 2:4 (or do not fit the layout) and stay as they "
                  "are, e.g. %s", len(skipped), skipped[0])

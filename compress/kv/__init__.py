@@ -3,7 +3,8 @@
 - ``config.py``     KVCacheConfig (method "kv_cache") and what a cache of that kind costs per token
 - ``quant.py``      the storage layout: pure functions on tensors (quantize, pack, dequantize), QuantizedKV
 - ``model.py``      what a model carries: its KV-cache config and calibrated fp8 scale buffers
-- ``cache.py``      QuantizedKVCache: a ``transformers.Cache`` holding the quantized past
+- ``cache.py``      QuantizedKVCache: a ``transformers.Cache`` holding the quantized past (full and
+                    sliding-window layers)
 - ``attention.py``  the pass on a model (config, FP8 scale calibration), ``kv_cache(model)`` and the
                     ``compress_kv`` attention function that decodes on the quantized bytes
 """

@@ -27,7 +27,7 @@ from ..kernels.dequant_linear import check_backend, resolve_backend
 from ..kernels.hadamard import rotate
 from .cache import QuantizedKVCache, attention_geometry
 from .config import KVCacheConfig
-from .model import CONFIG_KEY, attention_modules, module_device, set_kv_scales
+from .model import CONFIG_KEY, attention_modules, check_kv_layout, module_device, set_kv_scales
 from .quant import FP8_MAX, QuantizedKV
 
 log = logging.getLogger(__name__)
@@ -102,14 +102,30 @@ def kv_cache(model: nn.Module, cfg: KVCacheConfig | None = None, *, backend: str
     """A fresh quantized cache for one ``generate`` call (or one evaluation batch).
 
     ``backend``: "auto" runs decode steps through the Triton kernel on CUDA and through
-    dequantize + SDPA elsewhere; "triton" forces the kernel, "torch" the reference."""
+    dequantize + SDPA elsewhere; "triton" forces the kernel, "torch" the reference. Sliding-window
+    layers always take the reference path (their attention is bounded by the window), and a model
+    that caps attention logits (Gemma 2) keeps its own attention function: "auto" picks "torch"."""
     check_backend(backend)
+    check_kv_layout(model)
     emb = model.get_input_embeddings().weight
     probe = torch.empty(0, device=module_device(model.get_input_embeddings()), dtype=emb.dtype)
     fused = resolve_backend(backend, probe, 8) == "triton"
+    if fused and (softcap := _attention_softcap(model.config)) is not None:
+        # The kernel and SDPA compute plain softmax(q.k * scale); Gemma 2 caps the logits first.
+        if backend == "triton":
+            raise ConfigError(f"backend 'triton' cannot decode this model: it caps attention logits "
+                              f"(attn_logit_softcapping={softcap}), which the decode-attention kernel does not; "
+                              f"use backend='torch' (or 'auto', which picks it)")
+        log.info("attention logit softcapping %s: decoding through the model's own attention, not the kernel", softcap)
+        fused = False
     if fused:
         use_kv_attention(model)
     return QuantizedKVCache.for_model(model, cfg, fused=fused)
+
+
+def _attention_softcap(config) -> float | None:
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return getattr(text, "attn_logit_softcapping", None)
 
 
 def use_kv_attention(model: nn.Module) -> None:

@@ -10,6 +10,10 @@ schemes: one key block of ``group_size`` tokens at a time, fp8: token by token).
 reads the dequantized storage followed by the window: the current tokens too, once flushed, so a
 prefill chunk attends to what decoding would see, not to a full-precision copy.
 
+Sliding-window layers (``layer_types`` ``sliding_attention``: Gemma 2/3, Mistral) are stored the
+same way but keep only the last ``sliding_window - 1`` tokens, as transformers' own sliding layers
+do (``QuantizedSlidingWindowLayer``; docs/kv-cache.md says why they are quantized too).
+
 With ``fused=True`` (the runtime sets it on CUDA) a single-token decode step returns a
 ``QuantizedKV`` view instead of dequantized tensors, and the ``compress_kv`` attention function
 (``compress.kv.attention``) runs the Triton decode-attention kernel on the quantized bytes directly.
@@ -17,11 +21,12 @@ With ``fused=True`` (the runtime sets it on CUDA) a single-token decode step ret
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
 
 from ..errors import ConfigError
 from ..kernels.hadamard import rotate
@@ -31,6 +36,9 @@ from .quant import (FP8_DTYPE, FP8_MAX, SCALE_DTYPE, QuantizedKV, packed_width, 
                     quantize_values)
 
 log = logging.getLogger(__name__)
+
+# Layer kinds the cache holds (transformers' names): every other kind (chunked, linear, shared) is refused.
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 def attention_geometry(config) -> tuple[int, int, int]:
@@ -71,19 +79,7 @@ class QuantizedKVLayer(DynamicLayer):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        if self.cfg.rotate_keys:
-            key_states = rotate(key_states)
-        self.keys = torch.cat([self.keys, key_states], dim=2)
-        self.values = torch.cat([self.values, value_states], dim=2)
-        block = self.cfg.flush_block
-        over = self.keys.shape[2] - self.cfg.residual
-        if over >= block:
-            n = over // block * block
-            self._append(self.keys[:, :, :n], self.values[:, :, :n])
-            self.keys = self.keys[:, :, n:]
-            self.values = self.values[:, :, n:]
+        self._push(key_states, value_states)
         view = self.view()
         if self.fused and key_states.shape[2] == 1:
             return view, view                  # the compress_kv attention reads the bytes itself
@@ -114,6 +110,22 @@ class QuantizedKVLayer(DynamicLayer):
         raise NotImplementedError("offloading a quantized KV cache is not supported")
 
     # --- storage ------------------------------------------------------------------------------
+    def _push(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Append new tokens (B, H, T, D) to the window, then flush whole blocks past ``residual``."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.cfg.rotate_keys:
+            key_states = rotate(key_states)
+        self.keys = torch.cat([self.keys, key_states], dim=2)
+        self.values = torch.cat([self.values, value_states], dim=2)
+        block = self.cfg.flush_block
+        over = self.keys.shape[2] - self.cfg.residual
+        if over >= block:
+            n = over // block * block
+            self._append(self.keys[:, :, :n], self.values[:, :, :n])
+            self.keys = self.keys[:, :, n:]
+            self.values = self.values[:, :, n:]
+
     def view(self) -> QuantizedKV:
         s, cfg = self.store, self.cfg
         if not s:
@@ -198,24 +210,132 @@ class QuantizedKVLayer(DynamicLayer):
         self.store = {k: fn(t) for k, t in self.store.items()}
 
 
+
+class QuantizedSlidingWindowLayer(QuantizedKVLayer):
+    """A sliding-window layer (Gemma 2/3, Mistral-style ``sliding_attention``): stored like a full
+    layer (quantized past, full-precision window), but only the last ``sliding_window - 1`` tokens
+    are kept, as transformers' ``DynamicSlidingWindowLayer`` keeps them. Older tokens are dropped
+    from the window and, in whole key blocks, from the quantized storage, so at most
+    ``sliding_window - 1 + flush_block - 1`` tokens are held whatever the context.
+
+    Storage holds valid quantized tokens ``[start, length)``; ``start`` is a whole key block, and the
+    live part is moved back to the front only when an append would outgrow the buffers (amortized,
+    no copy per token). Never fused: the window bounds the attention to ``sliding_window`` keys,
+    which dequantize + SDPA reads as fast as the kernel would, and the kernel cannot start
+    mid-block at the window's first token."""
+
+    is_sliding = True
+
+    def __init__(self, cfg: KVCacheConfig, sliding_window: int, k_scale: torch.Tensor | None = None,
+                 v_scale: torch.Tensor | None = None):
+        super().__init__(cfg, k_scale, v_scale, fused=False)
+        if sliding_window < 1:
+            raise ConfigError(f"a sliding-window layer needs sliding_window >= 1, got {sliding_window}; check the "
+                              f"model config's sliding_window")
+        self.sliding_window = sliding_window
+        self.cumulative_length = 0             # tokens seen, dropped ones included (positions, masks)
+        self.start = 0                         # first quantized token still kept
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        # The mask was sized by get_mask_sizes before this update: the last min(seen, window - 1)
+        # past tokens followed by the new ones, so exactly those are returned.
+        visible = min(self.cumulative_length, self.sliding_window - 1) + key_states.shape[2]
+        self.cumulative_length += key_states.shape[2]
+        self._push(key_states, value_states)
+        k, v = self.view().dequantize()                                      # (B, H, kept, D)
+        self._evict()
+        return k[:, :, -visible:], v[:, :, -visible:]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """(kv_length, kv_offset) of what ``update`` returns, as DynamicSlidingWindowLayer's."""
+        past = min(self.cumulative_length, self.sliding_window - 1)
+        return past + query_length, self.cumulative_length - past
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return self.sliding_window
+
+    def reset(self) -> None:
+        super().reset()
+        self.start = 0
+
+    def view(self) -> QuantizedKV:
+        """The kept tokens only: storage from ``start`` (a whole key block) on, then the window."""
+        full = super().view()
+        if not self.start:
+            return full
+        st, g = self.start, self.cfg.group_size
+        if full.fp8:
+            return dataclasses.replace(full, length=self.length - st, k_codes=full.k_codes[:, :, st:],
+                                       v_codes=full.v_codes[:, :, st:])
+        return dataclasses.replace(full, length=self.length - st, k_codes=full.k_codes[:, :, st:],
+                                   k_scale=full.k_scale[:, :, st // g:], k_min=full.k_min[:, :, st // g:],
+                                   v_codes=full.v_codes[:, :, st:], v_scale=full.v_scale[:, :, st:],
+                                   v_min=full.v_min[:, :, st:])
+
+    def memory(self) -> dict[str, int]:
+        out = super().memory()
+        if self.is_initialized:
+            b, h, _, d = self.keys.shape
+            out["quantized"] = int(round(self.cfg.bytes_per_token(h, d) * b * (self.length - self.start)))
+        return out
+
+    def _evict(self) -> None:
+        """Drop what no later query can see: all but the last ``sliding_window - 1`` tokens (quantized
+        ones in whole key blocks, so up to ``flush_block - 1`` more may stay)."""
+        keep = self.sliding_window - 1
+        window = self.keys.shape[2]
+        if window >= keep:                      # the full-precision window alone covers what is visible
+            self.keys, self.values = self.keys[:, :, window - keep:], self.values[:, :, window - keep:]
+            self.start = self.length = 0        # nothing quantized is kept: reuse the buffers from the front
+            return
+        block = self.cfg.flush_block
+        first = (self.length - (keep - window)) // block * block
+        self.start = max(self.start, first)
+
+    def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.length + k.shape[2] > self.capacity and self.start:
+            self._compact()
+        super()._append(k, v)
+
+    def _compact(self) -> None:
+        """Move the kept quantized tokens ``[start, length)`` to the front of the buffers."""
+        st, n, g = self.start, self.length - self.start, self.cfg.group_size
+        for name, t in self.store.items():
+            per_block = name in ("k_scale", "k_min")             # indexed by key block, not token
+            a, m = (st // g, -(-n // g)) if per_block else (st, n)
+            t[:, :, :m] = t[:, :, a:a + m].clone()              # clone: the ranges may overlap
+        self.start, self.length = 0, n
+
+
 class QuantizedKVCache(Cache):
     """A ``transformers.Cache`` whose layers store keys and values quantized (see module doc)."""
 
     def __init__(self, config, kv: KVCacheConfig, *, scales: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
                  fused: bool = False):
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-        layer_types = getattr(text, "layer_types", None) or []
-        other = sorted(set(layer_types) - {"full_attention"})
+        # The layer kinds and windows transformers' own DynamicCache(config=...) would build.
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(text)
+        other = sorted(set(layer_types) - set(LAYER_TYPES))
         if other:
-            raise ConfigError(f"a quantized KV cache needs full-attention layers only; this model also has {other}")
+            raise ConfigError(f"a quantized KV cache holds full_attention and sliding_attention layers only; this "
+                              f"{getattr(text, 'model_type', 'model')} has {other} layers; keep its KV cache in "
+                              f"full precision (evaluate(..., kv_cache=False), no --kv-cache)")
         n_layers, kv_heads, head_dim = attention_geometry(config)
         kv.check_model(head_dim, f"{getattr(text, 'model_type', 'model')} (head_dim {head_dim})")
         if scales is not None and len(scales) != n_layers:
             raise ConfigError(f"{len(scales)} fp8 scale pairs for {n_layers} layers")
         self.kv_config = kv
         self.geometry = (n_layers, kv_heads, head_dim)
-        layers = [QuantizedKVLayer(kv, *(scales[i] if scales else (None, None)), fused=fused)
-                  for i in range(n_layers)]
+        layers: list[QuantizedKVLayer] = []
+        for i, (kind, extra) in enumerate(zip(layer_types, layer_kwargs, strict=True)):
+            k_scale, v_scale = scales[i] if scales else (None, None)
+            if kind == "sliding_attention":
+                layers.append(QuantizedSlidingWindowLayer(kv, extra["sliding_window"], k_scale, v_scale))
+            else:
+                layers.append(QuantizedKVLayer(kv, k_scale, v_scale, fused=fused))
         super().__init__(layers=layers)
 
     @classmethod

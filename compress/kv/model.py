@@ -27,6 +27,7 @@ def kv_config_of(model: nn.Module) -> KVCacheConfig | None:
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
     """The self-attention module of every decoder layer, in layer order."""
+    check_kv_layout(model)
     name, layers = find_decoder_layers(model)
     out = []
     for i, layer in enumerate(layers):
@@ -36,6 +37,17 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
                               f"Llama/Qwen2/Mistral/OPT-style decoders")
         out.append(attn)
     return out
+
+
+def check_kv_layout(model: nn.Module) -> None:
+    """Refuse attention whose cache is not per-head keys and values (DeepSeek's multi-head latent
+    attention caches one compressed latent per token)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "kv_lora_rank", None):
+        raise ConfigError(f"model type {config.model_type!r} uses multi-head latent attention (kv_lora_rank "
+                          f"{config.kv_lora_rank}): keys and values are expanded from a compressed latent, which is "
+                          f"what serving engines cache; compress's quantized KV cache stores per-head keys and values "
+                          f"and does not support it. Evaluate without kv_cache (the weights still compress)")
 
 
 def kv_scales_of(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]] | None:

@@ -26,6 +26,7 @@ from torch import nn
 from ..configs import MethodConfig
 from ..errors import ConfigError
 from ..modeling import find_decoder_layers, name_matches, set_module
+from ..moe import router_names
 from ..quant.packed import PackedLinear
 
 SCHEDULES = ("cosine", "constant", "linear")
@@ -283,12 +284,13 @@ def select_targets(model: nn.Module, cfg: LoRAConfig) -> dict[str, nn.Module]:
     """Full name -> linear (nn.Linear or PackedLinear) inside the decoder layers that ``cfg.targets``
     picks (all of them when targets is None)."""
     layers_name, layers = find_decoder_layers(model)
+    routers = set(router_names(model))          # MoE routers keep their weights (their choices stay put)
     targets = {}
     for i, layer in enumerate(layers):
         for name, module in layer.named_modules():
             full = f"{layers_name}.{i}.{name}"
-            if isinstance(module, (nn.Linear, PackedLinear)) and (cfg.targets is None
-                                                                  or name_matches(full, cfg.targets)):
+            if isinstance(module, (nn.Linear, PackedLinear)) and full not in routers and (
+                    cfg.targets is None or name_matches(full, cfg.targets)):
                 targets[full] = module
     if not targets:
         raise ConfigError(f"targets {cfg.targets} match no linear layer inside {layers_name}; give patterns "

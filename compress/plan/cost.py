@@ -27,6 +27,8 @@ from transformers import AutoModelForCausalLM
 from ..errors import ConfigError
 from ..formats import WeightFormat
 from ..modeling import find_decoder_layers, fused_groups, name_matches, tied_parameter_names
+from ..moe import expert_of, expert_share
+from ..structure import prepare_model
 from ..kv.config import KVCacheConfig, dense_bytes_per_token
 from ..quant.packed import PackedLinear
 from ..version import __version__
@@ -56,6 +58,7 @@ class Unit:
     name: str
     layer: int
     members: list[tuple[str, int, int, bool]]
+    active: float = 1.0           # share of tokens routed through it: top_k / experts for an MoE expert
 
     @property
     def in_features(self) -> int:
@@ -95,8 +98,10 @@ def model_shape(model: nn.Module, dtype: torch.dtype = torch.bfloat16, ignore: t
                 ) -> ModelShape:
     """The ModelShape of ``model`` (real or meta weights) stored in ``dtype``: every nn.Linear inside
     the decoder layers becomes part of a unit; tied weights count once."""
+    prepare_model(model)                      # MoE experts as per-expert linears: one unit per expert projection
     layers_name, layers = find_decoder_layers(model)
     tied = tied_parameter_names(model)
+    active = expert_share(model.config)
     units: list[Unit] = []
     member_names: set[str] = set()
     for i, layer in enumerate(layers):
@@ -109,7 +114,7 @@ def model_shape(model: nn.Module, dtype: torch.dtype = torch.bfloat16, ignore: t
                 lin = layer.get_submodule(n)
                 members.append((prefix + n, lin.out_features, lin.in_features, lin.bias is not None))
                 member_names.add(prefix + n)
-            units.append(Unit(_unit_name(prefix, group), i, members))
+            units.append(Unit(_unit_name(prefix, group), i, members, active if expert_of(prefix + group[0]) else 1.0))
     other = {}
     seen: set[tuple] = set()
     for name, t in model.state_dict(keep_vars=True).items():
@@ -332,7 +337,13 @@ def linear_seconds(profile: DeviceProfile, phase: str, fmt: WeightFormat, out_f:
 def unit_seconds(profile: DeviceProfile, shape: ModelShape, unit: Unit, fmt: WeightFormat, work: Workload,
                  phase: str) -> float:
     tokens = work.batch if phase == "decode" else work.batch * work.context
-    return sum(linear_seconds(profile, phase, fmt, o, i, tokens, shape.dtype) for _, o, i, _ in unit.members)
+    if unit.active >= 1:
+        return sum(linear_seconds(profile, phase, fmt, o, i, tokens, shape.dtype) for _, o, i, _ in unit.members)
+    # An expert runs only when a token is routed to it: with probability ``hit`` in a step, then on
+    # the tokens routed to it (its expected share, given that it runs).
+    hit = 1 - (1 - unit.active) ** tokens
+    routed = max(1, round(tokens * unit.active / hit))
+    return hit * sum(linear_seconds(profile, phase, fmt, o, i, routed, shape.dtype) for _, o, i, _ in unit.members)
 
 
 def fixed_seconds(profile: DeviceProfile, shape: ModelShape, kv: KVCacheConfig | None, work: Workload,

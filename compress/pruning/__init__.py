@@ -7,6 +7,7 @@ with LoRA lives in ``compress.lora``, distillation in ``compress.distillation``)
                        function sharing GPTQ's Hessian machinery and weight formats
 - ``apply.py``         the handler: walks the decoder layers with the calibration engine
 - ``structured.py``    StructuredConfig: remove MLP channels, attention heads, whole layers
+- ``mlp_layouts.py``   where each family's MLP channels live (gate/up/down, fused gate_up, fc1/fc2, ...)
 - ``sparse_linear.py`` Sparse24Linear: the compact 2:4 layout (kept values + 2-bit positions)
 """
 

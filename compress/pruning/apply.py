@@ -14,10 +14,12 @@ import torch
 from torch import nn
 
 from ..configs import register_method
-from ..engine import LayerMethod, compress_layers, select_linears, write_rows
+from ..engine import LayerMethod, Records, compress_layers, select_linears, write_rows
 from ..errors import ConfigError
 from ..modeling import get_module, name_matches, set_module
+from ..moe import LinearExperts, describe_tokens, expert_of, routed_tokens, set_route_all, token_summary
 from ..stats import HessianStats, InputStats
+from ..structure import warn_uncompressed
 from .config import MagnitudeConfig, PruneConfig, SparseGPTConfig, WandaConfig
 from .masks import sparsity_of
 from .sparsegpt import select_mask, sparsegpt_solve
@@ -48,6 +50,7 @@ class Pruner(LayerMethod):
         self._quant: dict[str, object] = {}
         self.joint = isinstance(cfg, SparseGPTConfig) and cfg.bits is not None
         self.sparsity: dict[str, float] = {}             # target name -> its sparsity
+        self.routed: dict[str, int] = {}                 # expert name -> tokens routed to it
         self.targets = self._select_targets(model)
 
     def sparsity_for(self, name: str) -> float:
@@ -76,6 +79,14 @@ class Pruner(LayerMethod):
                               after=f" and layer_sparsity={self.cfg.layer_sparsity}")
 
     # --- the engine's interface -------------------------------------------------------------
+    def prepare_layer(self, layer: nn.Module, prefix: str, inputs) -> None:
+        """MoE layers: count the tokens routed to each expert; let every expert observe every
+        token if asked."""
+        blocks = {prefix + n: m for n, m in layer.named_modules() if isinstance(m, LinearExperts)}
+        if blocks and inputs is not None:
+            self.routed.update(routed_tokens(blocks, inputs))
+            set_route_all(layer, self.cfg.route_all_experts)
+
     def new_stats(self, module: nn.Linear) -> HessianStats | InputStats:
         stats = HessianStats if isinstance(self.cfg, SparseGPTConfig) else InputStats
         return stats(module.in_features, device=module.weight.device)
@@ -84,7 +95,10 @@ class Pruner(LayerMethod):
         """Prune the linears that read one input. Rows are independent under per-row and N:M
         selection, so linears with the same sparsity are solved stacked (one Cholesky factor)."""
         has_data = stats is not None and stats.tokens > 0
-        if not has_data and not isinstance(self.cfg, MagnitudeConfig):
+        few = has_data and all(expert_of(n) for n in names) and stats.tokens < self.cfg.min_expert_tokens
+        if few:
+            has_data = False                     # an expert routed too few tokens: magnitude, summed per layer
+        elif not has_data and not isinstance(self.cfg, MagnitudeConfig):
             log.warning("%s received no calibration input; pruned by magnitude", names[0])
         stackable = self.cfg.nm is not None or self.cfg.comparison == "row"
         batches: dict[object, list[int]] = defaultdict(list)
@@ -92,6 +106,10 @@ class Pruner(LayerMethod):
             batches[(self.sparsity[name], modules[i].in_features) if stackable else i].append(i)
         for members in batches.values():
             self._solve_stacked([names[i] for i in members], [modules[i] for i in members], stats, has_data)
+        if few:
+            for name in names:
+                self.records[name].fallback = (f"magnitude: observed {stats.tokens} calibration tokens, fewer "
+                                               f"than min_expert_tokens={self.cfg.min_expert_tokens}")
 
     def _solve_stacked(self, names, modules, stats, has_data: bool) -> None:
         weight = torch.cat([m.weight.detach() for m in modules], dim=0)      # (sum of rows, in)
@@ -126,6 +144,10 @@ class Pruner(LayerMethod):
 
     def finalize(self, root: nn.Module, prefix: str, names: list[str]) -> None:
         """Joint SparseGPT + quantization: swap the solved linears for packed QuantLinear."""
+        if set_route_all(root, False):
+            summary = token_summary({n: c for n, c in self.routed.items() if n.startswith(prefix)})
+            if summary:
+                log.info("%s: %s", prefix.rstrip("."), describe_tokens(summary))
         if not self.joint:
             return
         for local in names:
@@ -152,7 +174,12 @@ def prune_weights(model: nn.Module, cfg: PruneConfig, calib=None, *, device=None
     zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in pruner.records.values())
     log.info("%s: %d linears pruned to %.2f%% sparsity in %.1f s", cfg.method, len(pruner.records),
              100 * zeros / max(total, 1), time.perf_counter() - start)
-    return pruner.records
+    warn_uncompressed(model, set(pruner.records), cfg.ignore, "pruned")
+    experts = token_summary(pruner.routed)
+    if experts:
+        experts["magnitude_fallback"] = len({expert_of(n) for n, r in pruner.records.items()
+                                             if (r.fallback or "").startswith("magnitude: observed")})
+    return Records(pruner.records, {"experts": experts} if experts else None)
 
 
 register_method(MagnitudeConfig, prune_weights, area="prune", needs_data=False)

@@ -48,6 +48,10 @@ class PruneConfig(MethodConfig):
                     Not with an N:M pattern (the pattern fixes the sparsity).
     ignore:         module-name patterns left dense: a glob against the full name or any dotted
                     suffix ("lm_head", "mlp.down_proj", "*.layers.0.*"), or "re:<regex>".
+    route_all_experts: mixture-of-experts models, Wanda and SparseGPT: every expert observes every
+                    calibration token; the layer's output still uses the real routing.
+    min_expert_tokens: Wanda and SparseGPT: an expert that observed fewer tokens is pruned by
+                    magnitude instead (logged, recorded as its fallback). 0 = never.
     """
 
     sparsity: float | None = None
@@ -55,8 +59,12 @@ class PruneConfig(MethodConfig):
     comparison: Literal["row", "layer"] = "row"
     layer_sparsity: dict = dataclasses.field(default_factory=dict)
     ignore: list[str] = dataclasses.field(default_factory=lambda: ["lm_head"])
+    route_all_experts: bool = False
+    min_expert_tokens: int = 64
 
     def validate(self) -> None:
+        if self.min_expert_tokens < 0:
+            raise ConfigError(f"min_expert_tokens must be >= 0, got {self.min_expert_tokens}")
         nm = parse_pattern(self.pattern)
         if nm is not None:
             implied = 1 - nm[0] / nm[1]

@@ -6,8 +6,9 @@ lowest-scored units go. With calibration data ("activation") a channel's or head
 mean, over calibration tokens, of the L2 norm of what that unit adds to the layer's output:
 
     MLP channel i:  s_i = mean_t |a_t,i| * ||W_down[:, i]||_2      a = act(gate(x)) * up(x) (Llama,
-                                                                     Qwen2), act(fc1(x)) (OPT): the
-                                                                     input of down_proj / fc2
+                                                                     Qwen2, Phi-3), act(fc1(x)) (OPT,
+                                                                     GPT-NeoX): the input of the down
+                                                                     projection (mlp_layouts.py)
     head unit u:    s_u = mean_t ||W_o[:, u] z_t,u||_2              z = the input of o_proj; u = one
                                                                      query head, or one KV group's
                                                                      query heads together
@@ -39,18 +40,16 @@ from torch import nn
 from ..configs import MethodConfig, register_method
 from ..engine import LayerMethod, compress_layers, default_device, run_layerwise
 from ..errors import ConfigError
+from ..structure import prepare_model
 from ..modeling import find_decoder_layers, onloaded
+from .mlp_layouts import MLP_WRITERS, MLPLayout, check_linear, find_mlp, mlp_weight_scores, slice_linear, slice_mlp
 
 log = logging.getLogger(__name__)
 
-# MLP layouts, relative to a decoder layer: (output projection, its input projections, config field of
-# the width). The output projection's inputs are the channels; its input projections' rows are too.
-MLP_SPECS = (("mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"), "intermediate_size"),   # Llama, Qwen2, Mistral
-             ("fc2", ("fc1",), "ffn_dim"))                                                # OPT
 ATTENTION = "self_attn"
 HEAD_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
 # Linears that write into the residual stream: the "weight" importance of a whole layer.
-RESIDUAL_WRITERS = ("o_proj", "out_proj", "down_proj", "fc2")
+RESIDUAL_WRITERS = ("o_proj", "out_proj", *MLP_WRITERS)
 TARGETS = ("mlp", "heads", "layers")
 IMPORTANCES = ("activation", "weight", "random")
 HEAD_MODES = ("kv_groups", "query")
@@ -62,7 +61,8 @@ class StructuredConfig(MethodConfig):
     (chain passes in a recipe to prune several).
 
     target:         "mlp": intermediate channels of every MLP (every layer keeps the same count,
-                    which config.intermediate_size / ffn_dim must express; each layer ranks its own);
+                    which the family's config field, intermediate_size / ffn_dim / ffn_hidden_size,
+                    must express; each layer ranks its own; layouts in mlp_layouts.py);
                     "heads": attention heads of every layer (same count per layer; config
                     num_attention_heads / num_key_value_heads change, head_dim is written out);
                     "layers": whole decoder layers (config.num_hidden_layers, layer_types).
@@ -75,9 +75,10 @@ class StructuredConfig(MethodConfig):
                     KV group for "kv_groups", of the KV heads for "query"), or the number of layers.
     importance:     how units are ranked: "activation" (needs calibration data; see the module
                     docstring for the formulas), "weight" (no data: MLP channel = ||W_down[:, i]||
-                    times the norms of its gate/up (fc1) rows; head unit = ||W_o[:, u]||_F times
-                    ||W_v||_F of its KV group; layer = sum of the Frobenius norms of o_proj and
-                    down_proj, the linears that write into the residual stream), or "random"
+                    times the norms of the rows that compute it: gate and up (both halves of a fused
+                    gate_up), or fc1; head unit = ||W_o[:, u]||_F times ||W_v||_F of its KV group;
+                    layer = sum of the Frobenius norms of o_proj and the MLP's down projection, the
+                    linears that write into the residual stream), or "random"
                     (seeded: the baseline any score must beat).
     head_mode:      grouped-query attention, target "heads": "kv_groups" (default) removes whole KV
                     groups (a KV head with all its query heads): the KV cache shrinks too, and it is
@@ -167,21 +168,6 @@ def _param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _slice_linear(linear: nn.Linear, idx: torch.Tensor, dim: int) -> None:
-    """Keep the rows (dim 0: outputs, with their bias) or columns (dim 1: inputs) ``idx`` of ``linear``,
-    in place: the module object, its hooks, dtype and device stay."""
-    weight = linear.weight
-    idx = idx.to(weight.device)
-    linear.weight = nn.Parameter(weight.detach().index_select(dim, idx).clone(), requires_grad=weight.requires_grad)
-    if dim == 0:
-        if linear.bias is not None:
-            linear.bias = nn.Parameter(linear.bias.detach().index_select(0, idx).clone(),
-                                       requires_grad=linear.bias.requires_grad)
-        linear.out_features = idx.numel()
-    else:
-        linear.in_features = idx.numel()
-
-
 def _unit_columns(units: torch.Tensor, width: int) -> torch.Tensor:
     """Feature indices of whole units of ``width`` features each: [u*width, (u+1)*width) for u in units."""
     return (units[:, None] * width + torch.arange(width, device=units.device)).reshape(-1)
@@ -236,31 +222,6 @@ class UnitOutputStats:
 
 # --- where the units live ------------------------------------------------------------------------------
 
-@dataclasses.dataclass
-class _MLP:
-    out: str                 # name of the output projection, relative to the decoder layer
-    ins: tuple[str, ...]     # its input projections
-    width_field: str         # config field of the width
-
-
-def _check_linear(module: nn.Module, name: str) -> None:
-    if type(module) is not nn.Linear:
-        raise ConfigError(f"{name} is a {type(module).__name__}; structured pruning slices float nn.Linear layers, "
-                          f"so prune before quantizing")
-
-
-def _find_mlp(layer: nn.Module, where: str) -> _MLP:
-    names = dict(layer.named_modules())
-    for out, ins, field in MLP_SPECS:
-        if out in names and all(n in names for n in ins):
-            for n in (out, *ins):
-                _check_linear(names[n], f"{where}.{n}")
-            return _MLP(out, ins, field)
-    tried = ", ".join(f"{where}.{out} with {' + '.join(ins)}" for out, ins, _ in MLP_SPECS)
-    raise ConfigError(f"structured pruning of 'mlp' found no supported MLP in {where} ({type(layer).__name__}); "
-                      f"looked for {tried}")
-
-
 def _find_attention(model: nn.Module, layer: nn.Module, where: str) -> nn.Module:
     attn = getattr(layer, ATTENTION, None)
     missing = [p for p in HEAD_PROJS if not isinstance(getattr(attn, p, None), nn.Module)]
@@ -270,8 +231,18 @@ def _find_attention(model: nn.Module, layer: nn.Module, where: str) -> nn.Module
                           f"{'/'.join(HEAD_PROJS)} and a head_dim the config can store), but {type(model).__name__} "
                           f"has no {miss}; prune 'mlp' or 'layers' instead")
     for p in HEAD_PROJS:
-        _check_linear(getattr(attn, p), f"{where}.{ATTENTION}.{p}")
+        check_linear(getattr(attn, p), f"{where}.{ATTENTION}.{p}")
     return attn
+
+
+def _one_mlp_layout(config, layers: nn.ModuleList, wheres: list[str]) -> MLPLayout:
+    """The MLP layout every decoder layer shares (one config field gives one width to all of them)."""
+    layouts = [find_mlp(layer, config, where) for layer, where in zip(layers, wheres)]
+    for layout, where in zip(layouts, wheres):
+        if layout != layouts[0]:
+            raise ConfigError(f"{where} has a {layout.family} MLP but {wheres[0]} a {layouts[0].family} one; "
+                              f"structured pruning of 'mlp' needs one MLP layout in every layer")
+    return layouts[0]
 
 
 def _head_geometry(model: nn.Module) -> tuple[int, int, int]:
@@ -356,9 +327,9 @@ class StructuredPruner(LayerMethod):
         wheres = [f"{self.layers_name}.{i}" for i in range(len(self.layers))]
         # Every layer is checked for the parts it needs before any work (layers differ in hybrid models).
         if cfg.target == "mlp":
-            self.mlp = [_find_mlp(layer, where) for layer, where in zip(self.layers, wheres)][0]
-            self.keep = _mlp_keep(cfg, getattr(self.config, self.mlp.width_field))
-            self.local_target = self.mlp.out
+            self.mlp = _one_mlp_layout(self.config, self.layers, wheres)
+            self.keep = _mlp_keep(cfg, self.mlp.width(self.config))
+            self.local_target = self.mlp.down
         else:
             for layer, where in zip(self.layers, wheres):
                 _find_attention(model, layer, where)
@@ -397,8 +368,8 @@ class StructuredPruner(LayerMethod):
         if self.cfg.target == "mlp":
             scores = self._mlp_scores(layer, where)
             kept = keep_top(scores, self.keep)
-            self._slice_mlp(layer, kept)
-            unit, name = "channel", f"{where}.{self.mlp.out.rpartition('.')[0]}".rstrip(".")
+            slice_mlp(layer, self.mlp, kept)
+            unit, name = "channel", f"{where}.{self.mlp.block}".rstrip(".")
         else:
             scores = self._head_scores(layer, where)
             kept = self._keep_heads(scores)
@@ -409,14 +380,11 @@ class StructuredPruner(LayerMethod):
                                               scores.tolist(), before, _param_count(layer))
 
     def _mlp_scores(self, layer: nn.Module, where: str) -> torch.Tensor:
-        out = layer.get_submodule(self.mlp.out)
-        col_norm = out.weight.detach().float().norm(dim=0)                    # (width,)
-        if self.cfg.importance == "activation":
-            return self._stats.pop(f"{where}.{self.mlp.out}").mean.to(col_norm.device) * col_norm
         if self.cfg.importance == "weight":
-            for name in self.mlp.ins:
-                col_norm = col_norm * layer.get_submodule(name).weight.detach().float().norm(dim=1)
-            return col_norm
+            return mlp_weight_scores(layer, self.mlp)
+        col_norm = layer.get_submodule(self.mlp.down).weight.detach().float().norm(dim=0)     # (width,)
+        if self.cfg.importance == "activation":
+            return self._stats.pop(f"{where}.{self.mlp.down}").mean.to(col_norm.device) * col_norm
         return torch.rand(col_norm.numel(), generator=self._random)
 
     def _head_scores(self, layer: nn.Module, where: str) -> torch.Tensor:
@@ -438,27 +406,19 @@ class StructuredPruner(LayerMethod):
         per_group = scores.reshape(self.kv, self.group)                       # (kv, heads per group)
         return torch.cat([keep_top(row, self.keep) + g * self.group for g, row in enumerate(per_group)])
 
-    def _slice_mlp(self, layer: nn.Module, kept: torch.Tensor) -> None:
-        for name in self.mlp.ins:
-            _slice_linear(layer.get_submodule(name), kept, dim=0)
-        _slice_linear(layer.get_submodule(self.mlp.out), kept, dim=1)
-        parent = layer.get_submodule(self.mlp.out.rpartition(".")[0])
-        if isinstance(getattr(parent, self.mlp.width_field, None), int):      # LlamaMLP.intermediate_size
-            setattr(parent, self.mlp.width_field, kept.numel())
-
     def _slice_heads(self, attn: nn.Module, kept: torch.Tensor) -> None:
         d = self.head_dim
         if self.cfg.head_mode == "kv_groups":
             q_rows = _unit_columns(kept, self.group * d)                      # the kept groups' query heads
             kv_rows = _unit_columns(kept, d)                                  # and their KV heads
-            _slice_linear(attn.k_proj, kv_rows, dim=0)
-            _slice_linear(attn.v_proj, kv_rows, dim=0)
+            slice_linear(attn.k_proj, kv_rows, dim=0)
+            slice_linear(attn.v_proj, kv_rows, dim=0)
             kv = kept.numel()
         else:
             q_rows = _unit_columns(kept, d)                                   # k/v stay: every group survives
             kv = self.kv
-        _slice_linear(attn.q_proj, q_rows, dim=0)
-        _slice_linear(attn.o_proj, q_rows, dim=1)
+        slice_linear(attn.q_proj, q_rows, dim=0)
+        slice_linear(attn.o_proj, q_rows, dim=1)
         heads = q_rows.numel() // d
         attn.num_key_value_groups = heads // kv                               # read by repeat_kv in forward
         for attr, value in (("num_heads", heads), ("num_attention_heads", heads), ("num_key_value_heads", kv)):
@@ -580,6 +540,7 @@ def prune_structured(model: nn.Module, cfg: StructuredConfig, calib=None, *, dev
     Returns one record per pruned module (what was removed, scores, parameters before/after) and, under
     "model", the whole model's parameter counts.
     """
+    prepare_model(model)                 # Conv1D (GPT-2) as linears, MoE experts as per-expert linears
     if cfg.importance == "activation" and calib is None:
         raise ConfigError(f"structured pruning of {cfg.target!r} with importance 'activation' needs calibration "
                           f"data: pass calib=compress.calibration_data(tokenizer, TEXT_FILE, samples=..., "

@@ -12,10 +12,12 @@ import torch
 from torch import nn
 
 from ..configs import register_method
-from ..engine import LayerMethod, compress_layers, select_linears, write_rows
+from ..engine import LayerMethod, Records, compress_layers, select_linears, write_rows
 from ..errors import ConfigError
 from ..modeling import get_module, set_module
+from ..moe import LinearExperts, describe_tokens, expert_of, routed_tokens, set_route_all, token_summary
 from ..stats import HessianStats, InputStats
+from ..structure import warn_uncompressed
 from .config import GPTQConfig, IntWeightConfig, RTNConfig
 from .fp4 import nvfp4_global_scale
 from .gptq import gptq_solve
@@ -37,6 +39,7 @@ class ModuleRecord:
     loss: float
     damp: float | None
     fallback: str | None
+    tokens: int | None = None          # calibration tokens the module's statistics observed
 
 
 class IntWeightQuantizer(LayerMethod):
@@ -54,6 +57,7 @@ class IntWeightQuantizer(LayerMethod):
         self._input_amax: dict[str, torch.Tensor] = {}      # W4A4: max |input| seen in calibration
         self.module_cfgs: dict[str, IntWeightConfig] = {}   # target name -> its resolved config
         self._warned_split = False
+        self.routed: dict[str, int] = {}                     # expert name -> tokens routed to it
         self.targets = self._select_targets(model)
 
     def _select_targets(self, model: nn.Module) -> dict[str, nn.Linear]:
@@ -78,6 +82,15 @@ class IntWeightQuantizer(LayerMethod):
         return targets
 
     # --- the engine's interface -------------------------------------------------------------
+    def prepare_layer(self, layer: nn.Module, prefix: str, inputs) -> None:
+        """MoE layers: count the tokens routed to each expert and, if asked, let every expert
+        observe every token."""
+        blocks = {prefix + n: m for n, m in layer.named_modules() if isinstance(m, LinearExperts)}
+        if not blocks or inputs is None:
+            return
+        self.routed.update(routed_tokens(blocks, inputs))
+        set_route_all(layer, self.gptq and self.cfg.route_all_experts)
+
     def new_stats(self, module: nn.Linear) -> HessianStats | InputStats:
         # RTN (calibrated only for NVFP4 W4A4's input scale) needs no Hessian.
         stats = HessianStats if self.gptq else InputStats
@@ -90,12 +103,18 @@ class IntWeightQuantizer(LayerMethod):
         (rows are independent given H, so this equals solving each alone)."""
         cfgs = [self.module_cfgs[n] for n in names]
         calibrated = stats is not None and stats.tokens > 0
+        tokens = stats.tokens if stats is not None else 0
+        few = self.gptq and stats is not None and all(expert_of(n) for n in names) and \
+            tokens < self.cfg.min_expert_tokens
+        if few:
+            # Routed too few tokens for a Hessian worth solving on: round to nearest (summed per layer).
+            calibrated, stats = False, None
         input_amax = stats.amax if calibrated else None
         for name, cfg in zip(names, cfgs):
             if cfg.scheme == "nvfp4" and input_amax is None:
                 raise ConfigError(f"{name}: scheme 'nvfp4' (W4A4) needs the activations' range from "
                                   f"calibration data; pass calib= (CLI: --calib FILE)")
-        if self.gptq and not calibrated:
+        if self.gptq and not calibrated and not few:
             log.warning("%s received no calibration input; quantized with round-to-nearest", names[0])
         weight = torch.cat([m.weight.detach() for m in modules], dim=0)
         # A pruned fused group keeps its zeros as a whole, whatever formats its parts get.
@@ -112,6 +131,11 @@ class IntWeightQuantizer(LayerMethod):
         for cfg, part_names, part_modules in parts:
             self._solve_part(cfg, part_names, part_modules, stats if calibrated else None, keep_zeros,
                              shared_global.get(cfg.scheme))
+        for name in names:
+            self.records[name].tokens = tokens
+            if few:
+                self.records[name].fallback = (f"round-to-nearest: observed {tokens} calibration tokens, fewer "
+                                               f"than min_expert_tokens={self.cfg.min_expert_tokens}")
 
     def _solve_part(self, cfg: IntWeightConfig, names: list[str], modules: list[nn.Linear],
                     stats: HessianStats | InputStats | None, keep_zeros: bool,
@@ -137,6 +161,8 @@ class IntWeightQuantizer(LayerMethod):
 
     def finalize(self, root: nn.Module, prefix: str, names: list[str]) -> None:
         """Swap the solved linears under ``root`` for packed QuantLinear / FP4Linear modules."""
+        if set_route_all(root, False):
+            self._log_experts(prefix, names)
         for local in names:
             full = f"{prefix}{local}"
             cfg = self.module_cfgs[full]
@@ -146,6 +172,26 @@ class IntWeightQuantizer(LayerMethod):
                                          input_amax=self._input_amax.pop(full, None), observer=cfg.observer,
                                          actorder=_actorder(cfg))
             set_module(root, local, new.to(old.weight.device))
+
+
+    def _log_experts(self, prefix: str, names: list[str]) -> None:
+        full = [prefix + n for n in names if expert_of(prefix + n)]
+        summary = token_summary({n: c for n, c in self.routed.items() if n.startswith(prefix)})
+        few = {expert_of(n) for n in full if (self.records[n].fallback or "").startswith("round-to-nearest: observed")}
+        if summary:
+            log.info("%s: %s%s", prefix.rstrip("."), describe_tokens(summary),
+                     f"; {len(few)} expert(s) rounded to nearest (fewer than {self.cfg.min_expert_tokens} tokens)"
+                     if few else "")
+
+    def expert_summary(self) -> dict | None:
+        """Routed tokens per expert over the whole model (min / median / max / zero) and how many
+        experts fell back to round-to-nearest; None for a dense model."""
+        summary = token_summary(self.routed)
+        if summary is None:
+            return None
+        fell_back = {expert_of(n) for n, r in self.records.items()
+                     if expert_of(n) and (r.fallback or "").startswith("round-to-nearest: observed")}
+        return {**summary, "rtn_fallback": len(fell_back)}
 
 
 def _actorder(cfg: IntWeightConfig) -> str | None:
@@ -186,7 +232,7 @@ def needs_data(cfg: IntWeightConfig) -> bool:
 
 
 def quantize_weights(model: nn.Module, cfg: IntWeightConfig, calib=None, *, device=None,
-                     batch_size: int | None = None, progress: bool = True) -> dict[str, ModuleRecord]:
+                     batch_size: int | None = None, progress: bool = True) -> Records:
     """Quantize every target linear of ``model`` in place. GPTQ (and NVFP4 W4A4) need ``calib``;
     otherwise it is ignored."""
     quantizer = IntWeightQuantizer(model, cfg)
@@ -200,7 +246,12 @@ def quantize_weights(model: nn.Module, cfg: IntWeightConfig, calib=None, *, devi
     compress_layers(model, quantizer, calib if needs_data(cfg) else None, device=device, batch_size=batch_size,
                     progress=progress)
     log.info("%s: %d linears quantized in %.1f s", cfg.method, len(quantizer.records), time.perf_counter() - start)
-    return quantizer.records
+    warn_uncompressed(model, set(quantizer.records), cfg.ignore, "quantized")
+    experts = quantizer.expert_summary()
+    if experts:
+        log.info("%s: %s; %d expert(s) rounded to nearest", cfg.method, describe_tokens(experts),
+                 experts["rtn_fallback"])
+    return Records(quantizer.records, {"experts": experts} if experts else None)
 
 
 register_method(RTNConfig, quantize_weights, area="quantize", needs_data=needs_data, statistics="input")

@@ -14,6 +14,9 @@ from ..modeling import name_matches
 # What an override may set: the weight format of the modules it matches. Everything else (ignore,
 # act_order, damp, ...) belongs to the whole pass.
 OVERRIDE_KEYS = ("bits", "group_size", "symmetric", "observer", "scheme", "partial_groups")
+# The default group_size. A 4-bit float scheme fixes its own block, so this default (the field left
+# alone), null or the block itself are the values group_size may have there.
+DEFAULT_GROUP_SIZE = 128
 
 
 @dataclasses.dataclass
@@ -38,7 +41,8 @@ class IntWeightConfig(MethodConfig):
                     "re:<regex>" searched in the full name.
     scheme:         the weight format: "int" (the integer grid above), or a 4-bit float format
                     whose block size and scales are fixed by the format ("group_size",
-                    "symmetric" and "partial_groups" do not apply):
+                    "symmetric" and "partial_groups" do not apply; a group_size other than the
+                    default, null or the format's block is refused, not ignored):
                     "nvfp4a16" (E2M1 weights, an FP8 E4M3 scale per 16 inputs, a float32 global
                     scale per tensor; activations stay 16-bit), "nvfp4" (the same weights plus
                     activations rounded to NVFP4 per 16-block at run time over a static global
@@ -55,7 +59,7 @@ class IntWeightConfig(MethodConfig):
     """
 
     bits: int = 4
-    group_size: int | None = 128
+    group_size: int | None = DEFAULT_GROUP_SIZE
     symmetric: bool = True
     observer: Literal["minmax", "mse"] = "minmax"
     partial_groups: bool = False
@@ -64,7 +68,11 @@ class IntWeightConfig(MethodConfig):
     overrides: dict[str, dict] = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:
-        WeightFormat.from_config(self)                  # ConfigError naming the field that makes no format
+        fmt = WeightFormat.from_config(self)            # ConfigError naming the field that makes no format
+        if self.scheme != "int" and self.group_size not in (None, DEFAULT_GROUP_SIZE, fmt.group_size):
+            raise ConfigError(f"scheme {self.scheme!r} stores fixed blocks of {fmt.group_size} inputs; group_size "
+                              f"{self.group_size} does not apply to it: drop group_size (or set it to "
+                              f"{fmt.group_size}), or use scheme 'int' for integer groups of {self.group_size}")
         if not isinstance(self.overrides, dict):
             raise ConfigError(f"overrides must be a mapping {{pattern: {{field: value}}}}, got {self.overrides!r}")
         for pattern, override in self.overrides.items():
@@ -107,6 +115,7 @@ class IntWeightConfig(MethodConfig):
             # The 4-bit float formats fix these; do not make every override repeat them.
             values.setdefault("bits", 4)
             values.setdefault("symmetric", True)
+            values.setdefault("group_size", WeightFormat.from_scheme(values["scheme"]).group_size)
         try:
             return dataclasses.replace(self, **values, overrides={})
         except ConfigError as exc:
@@ -137,6 +146,12 @@ class GPTQConfig(IntWeightConfig):
                       weights stay exactly zero: they take the code of 0 and the solve compensates
                       for them like for any rounding error (a 2:4 model stays 2:4). False: zeros
                       are weights like any other and the error feedback fills them in.
+    route_all_experts: mixture-of-experts models: every expert observes every calibration token
+                      (its Hessian is built from all of them) while the layer's output still uses
+                      the real routing. Off: an expert's Hessian comes from the tokens routed to it.
+    min_expert_tokens: an expert whose linears observed fewer tokens than this is rounded to
+                      nearest instead (a Hessian of a few tokens fits those tokens, not the expert);
+                      logged, counted in the records. 0 = never.
     """
 
     method = "gptq"
@@ -145,9 +160,13 @@ class GPTQConfig(IntWeightConfig):
     damp: float = 0.01
     gptq_block_size: int = 128
     keep_sparsity: bool = True
+    route_all_experts: bool = False
+    min_expert_tokens: int = 64
 
     def validate(self) -> None:
         super().validate()
+        if self.min_expert_tokens < 0:
+            raise ConfigError(f"min_expert_tokens must be >= 0, got {self.min_expert_tokens}")
         if not 0 < self.damp < 1:
             raise ConfigError(f"damp must be in (0, 1), got {self.damp}")
         if self.gptq_block_size <= 0:

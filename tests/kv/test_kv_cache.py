@@ -204,11 +204,12 @@ def test_generate_and_beam_search_run_on_the_cache():
         kv_cache(model, cfg).layers[0].crop(-1)
 
 
-def test_sliding_window_models_are_refused():
-    from transformers import Qwen2Config
-    cfg = Qwen2Config(num_hidden_layers=2, layer_types=["full_attention", "sliding_attention"], use_sliding_window=True,
-                      sliding_window=16, hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
-    with pytest.raises(ConfigError, match="full-attention layers only"):
+def test_chunked_attention_models_are_refused():
+    """Sliding-window layers are held (tests/kv/test_kv_sliding.py); chunked ones (Llama 4) are not."""
+    from transformers import Llama4TextConfig
+    cfg = Llama4TextConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=16, attention_chunk_size=16)
+    with pytest.raises(ConfigError, match=r"full_attention and sliding_attention layers only.*'chunked_attention'"):
         QuantizedKVCache(cfg, KVCacheConfig("int4", group_size=16))
 
 

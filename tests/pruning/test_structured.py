@@ -7,6 +7,7 @@ import torch
 from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
                           OPTConfig, OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
+import compress
 from compress.configs import config_from_dict
 from compress.data import CalibrationData
 from compress.errors import ConfigError
@@ -299,11 +300,23 @@ def test_bad_requests_fail_before_any_work(arch, kw, message):
 def test_mha_model_refuses_query_mode_and_unsupported_mlp_is_named():
     with pytest.raises(ConfigError, match=r"one query head per KV head .* use head_mode 'kv_groups'"):
         prune(build("llama", kv=4), None, target="heads", head_mode="query", ratio=0.5, importance="weight")
+
+
+def test_gpt2_conv1d_mlp_is_pruned_and_reloads_in_transformers(tmp_path):
+    """GPT-2's Conv1D MLP (c_fc/c_proj, n_inner null = 4 * n_embd) is pruned as linears and written back
+    in the Conv1D layout with n_inner set, so vanilla transformers builds the smaller model."""
     torch.manual_seed(0)
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=64))
-    with pytest.raises(ConfigError, match=r"no supported MLP in transformer\.h\.0 .*looked for "
-                                          r"transformer\.h\.0\.mlp\.down_proj"):
-        prune(gpt2, None, target="mlp", ratio=0.5, importance="weight")
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=64,
+                                      bos_token_id=0, eos_token_id=0)).eval()
+    ids = torch.randint(0, VOCAB, (1, 12))
+    prune(gpt2, None, target="mlp", ratio=0.5, importance="weight", multiple_of=8)
+    assert gpt2.config.n_inner == 64 and gpt2.transformer.h[0].mlp.c_fc.out_features == 64
+    with torch.no_grad():
+        ref = gpt2(ids).logits
+    out = compress.export(gpt2, None, tmp_path / "gpt2")
+    theirs = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_config_validation_and_recipe_round_trip():

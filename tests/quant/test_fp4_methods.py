@@ -139,6 +139,21 @@ def test_bad_fp4_configs_are_refused_by_field(bad, match):
         RTNConfig(**bad)
 
 
+@pytest.mark.parametrize("scheme,block,other", [("mxfp4", 32, 16), ("nvfp4a16", 16, 32), ("nvfp4", 16, 64)])
+def test_a_group_size_other_than_the_fp4_block_is_refused(scheme, block, other):
+    with pytest.raises(ConfigError, match=rf"scheme '{scheme}' stores fixed blocks of {block} inputs; "
+                                          rf"group_size {other} does not apply.*drop group_size"):
+        RTNConfig(scheme=scheme, group_size=other)
+    with pytest.raises(ConfigError, match=rf"overrides\['mlp.up_proj'\]: scheme '{scheme}'.*group_size {other}"):
+        RTNConfig(group_size=32, overrides={"mlp.up_proj": {"scheme": scheme, "group_size": other}})
+    # Negative controls: the block itself, null and the untouched default are fine, and an override
+    # that switches to the scheme takes its block instead of the int base's group size.
+    for ok in (block, None, 128):
+        assert RTNConfig(scheme=scheme, group_size=ok).weight_format.group_size == block
+    cfg = RTNConfig(group_size=32 if block != 32 else 64, overrides={"mlp.up_proj": {"scheme": scheme}})
+    assert cfg.for_module("model.layers.0.mlp.up_proj").group_size == block
+
+
 def test_a_layer_that_does_not_fill_whole_blocks_is_named():
     model = tiny_model("llama", intermediate_size=168)                  # 168 = 10 * 16 + 8
     with pytest.raises(ConfigError, match=r"168 of model.layers.0.mlp.down_proj.*multiple of 16.*ignore"):
