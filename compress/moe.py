@@ -157,15 +157,18 @@ def unfuse_experts(model: nn.Module) -> int:
     check_supported(model)
     model_type = getattr(getattr(model, "config", None), "model_type", "")
     layout = layout_of(model_type)
-    fused = [(n, m) for n, m in model.named_modules() if _is_fused_experts(m)]
+    # Names only: holding the 3D modules while converting would keep every block's weights twice.
+    fused = [n for n, m in model.named_modules() if _is_fused_experts(m)]
     if fused and model_type not in LAYOUTS:
         log.warning("model type %r is not in compress's MoE table; its experts have the Qwen3-MoE layout and are "
                     "exported with Qwen-style names (experts.N.gate_proj/up_proj/down_proj)", model_type)
-    for name, module in fused:
-        set_submodule(model, name, _linear_experts(module, layout))
+    experts = 0
+    for name in fused:                       # one block at a time: its 3D tensors are freed as it is replaced
+        new = _linear_experts(model.get_submodule(name), layout)
+        set_submodule(model, name, new)
+        experts = new.num_experts
     if fused:
-        log.info("%d expert blocks (%d experts each) seen as per-expert linears", len(fused),
-                 fused[0][1].gate_up_proj.shape[0])
+        log.info("%d expert blocks (%d experts each) seen as per-expert linears", len(fused), experts)
     return len(fused)
 
 
