@@ -85,7 +85,7 @@ def _read_file_text(path: Path) -> str:
         raise DataError(f"{path} is not UTF-8 text ({bad} of its {len(text)} characters do not decode); {fix}")
     if bad:
         log.warning("%s: %d character(s) not UTF-8, replaced by U+FFFD", path, bad)
-    return text
+    return text.replace("\r\n", "\n").replace("\r", "\n")       # universal newlines, as text mode reads
 
 
 def _read_json_text(path: Path, text_field: str) -> str:

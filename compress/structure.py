@@ -51,9 +51,9 @@ def warn_uncompressed(model: nn.Module, done: set[str], ignore: list[str], verb:
         total = sum(p.numel() for p in model.parameters())
         share = sum(left.values()) / max(total, 1)
         names = sorted(left)
-        log.warning("%d weight tensor(s) holding %.1f%% of the parameters were not %s (they are not nn.Linear and "
-                    "compress has no rule for them): %s%s", len(left), 100 * share, verb, ", ".join(names[:5]),
-                    " ..." if len(names) > 5 else "")
+        log.warning("%d weight tensor(s) holding %.1f%% of the parameters were not %s although no ignore pattern "
+                    "names them (compress has no rule for their module type): %s%s", len(left), 100 * share, verb,
+                    ", ".join(names[:5]), " ..." if len(names) > 5 else "")
     return left
 
 

@@ -242,9 +242,15 @@ def test_a_weight_no_pass_can_reach_is_warned_about_with_its_share(caplog):
     model.model.layers[0].mlp.register_parameter("extra", torch.nn.Parameter(torch.randn(64, 64)))
     with caplog.at_level(logging.WARNING, logger="compress"):
         compress.quantize(model, RTNConfig(bits=4, group_size=32), progress=False)
-    assert "model.layers.0.mlp.extra" in caplog.text and "were not quantized" in caplog.text
+    assert "model.layers.0.mlp.extra" in caplog.text
+    assert "were not quantized although no ignore pattern" in caplog.text
     total = sum(p.numel() for p in model.parameters())
     assert f"{100 * 64 * 64 / total:.1f}%" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="compress"):           # left dense on purpose: no warning
+        compress.prune(tiny_model("llama"), compress.MagnitudeConfig(sparsity=0.5, layer_sparsity={"q_proj": 0}),
+                       progress=False)
+    assert "were not pruned" not in caplog.text
 
 
 def test_token_summary():

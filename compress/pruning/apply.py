@@ -174,7 +174,8 @@ def prune_weights(model: nn.Module, cfg: PruneConfig, calib=None, *, device=None
     zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in pruner.records.values())
     log.info("%s: %d linears pruned to %.2f%% sparsity in %.1f s", cfg.method, len(pruner.records),
              100 * zeros / max(total, 1), time.perf_counter() - start)
-    warn_uncompressed(model, set(pruner.records), cfg.ignore, "pruned")
+    dense_by_choice = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and pruner.sparsity_for(n) == 0}
+    warn_uncompressed(model, set(pruner.records) | dense_by_choice, cfg.ignore, "pruned")
     experts = token_summary(pruner.routed)
     if experts:
         experts["magnitude_fallback"] = len({expert_of(n) for n, r in pruner.records.items()

@@ -153,7 +153,7 @@ class IntWeightQuantizer(LayerMethod):
         if result.fallback:
             log.warning("%s: %s", ", ".join(names), result.fallback)
         for name, module, rows in zip(names, modules, write_rows(modules, result.weight)):
-            self._results[name] = result.take_rows(rows)
+            self._results[name] = result.take_rows(rows).without_weight()     # the weight is in the module now
             if stats is not None:
                 self._input_amax[name] = stats.amax
             self.records[name] = ModuleRecord(name, tuple(module.weight.shape), result.loss, result.damp,

@@ -52,6 +52,12 @@ class QuantResult:
     fallback: str | None = None
     global_scale: torch.Tensor | None = None
 
+    def without_weight(self) -> QuantResult:
+        """This result without its float ``weight`` (None): what packing needs, once the dequantized
+        weight has been written into the model (a layer's results wait for packing until the layer ends;
+        holding their float copies too would cost 4 bytes per weight, an MoE layer's worth of experts)."""
+        return dataclasses.replace(self, weight=None)
+
     def take_rows(self, rows: slice) -> QuantResult:
         """The result of ``rows`` alone (one module's share of a stacked solve); the NVFP4 global
         scale stays shared."""
