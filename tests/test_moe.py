@@ -328,3 +328,14 @@ def test_chunked_calibration_observes_an_expert_block_in_waves_and_matches_one_p
         a, b = one(IDS).logits, chunked(IDS).logits
         ref = tiny_moe("qwen3_moe")(IDS).logits
     assert (a - b).abs().max() < 0.05 * (a - ref).abs().max()
+
+
+def test_experts_calibration_never_reaches_are_rounded_to_nearest_and_summed_not_warned_one_by_one(caplog):
+    model = tiny_moe("qwen3_moe", num_experts=16)
+    with caplog.at_level(logging.WARNING, logger="compress"):
+        records = compress.quantize(model, GPTQConfig(bits=4, group_size=32), calib(samples=1, seqlen=4),
+                                    progress=False)
+    unreached = [r for n, r in records.items() if ".experts." in n and r.tokens == 0]
+    assert unreached and all("observed 0 calibration tokens" in r.fallback for r in unreached)
+    assert "received no calibration input" not in caplog.text
+    assert records.summary["experts"]["zero"] > 0

@@ -95,7 +95,9 @@ class Pruner(LayerMethod):
         """Prune the linears that read one input. Rows are independent under per-row and N:M
         selection, so linears with the same sparsity are solved stacked (one Cholesky factor)."""
         has_data = stats is not None and stats.tokens > 0
-        few = has_data and all(expert_of(n) for n in names) and stats.tokens < self.cfg.min_expert_tokens
+        tokens = stats.tokens if stats is not None else 0
+        few = not isinstance(self.cfg, MagnitudeConfig) and all(expert_of(n) for n in names) and \
+            tokens < self.cfg.min_expert_tokens
         if few:
             has_data = False                     # an expert routed too few tokens: magnitude, summed per layer
         elif not has_data and not isinstance(self.cfg, MagnitudeConfig):
@@ -108,7 +110,7 @@ class Pruner(LayerMethod):
             self._solve_stacked([names[i] for i in members], [modules[i] for i in members], stats, has_data)
         if few:
             for name in names:
-                self.records[name].fallback = (f"magnitude: observed {stats.tokens} calibration tokens, fewer "
+                self.records[name].fallback = (f"magnitude: observed {tokens} calibration tokens, fewer "
                                                f"than min_expert_tokens={self.cfg.min_expert_tokens}")
 
     def _solve_stacked(self, names, modules, stats, has_data: bool) -> None:

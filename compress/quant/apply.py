@@ -104,8 +104,8 @@ class IntWeightQuantizer(LayerMethod):
         cfgs = [self.module_cfgs[n] for n in names]
         calibrated = stats is not None and stats.tokens > 0
         tokens = stats.tokens if stats is not None else 0
-        few = self.gptq and stats is not None and all(expert_of(n) for n in names) and \
-            tokens < self.cfg.min_expert_tokens
+        # An expert the calibration never reached counts as 0 tokens: summed per layer, not warned one by one.
+        few = self.gptq and all(expert_of(n) for n in names) and tokens < self.cfg.min_expert_tokens
         if few:
             # Routed too few tokens for a Hessian worth solving on: round to nearest (summed per layer).
             calibrated, stats = False, None
