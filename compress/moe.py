@@ -264,6 +264,23 @@ def routed_tokens(blocks: dict[str, LinearExperts], inputs) -> dict[str, int]:
     return {f"{name}.{e}": int(n) for name, counter in stats.items() for e, n in enumerate(counter.counts.tolist())}
 
 
+def expert_blocks(layer: nn.Module, prefix: str) -> dict[str, LinearExperts]:
+    """The expert blocks under ``layer``, by full name (``prefix`` + name)."""
+    return {prefix + n: m for n, m in layer.named_modules() if isinstance(m, LinearExperts)}
+
+
+def prepare_experts(layer: nn.Module, prefix: str, inputs, route_all: bool) -> dict[str, int]:
+    """What a weight method does to a layer's experts before observing it (its ``prepare_layer``):
+    count the tokens routed to each expert over ``inputs`` and switch all-expert observation on if
+    asked. Returns expert name -> routed tokens (empty for a dense layer or without data)."""
+    blocks = expert_blocks(layer, prefix)
+    if not blocks or inputs is None:
+        return {}
+    counts = routed_tokens(blocks, inputs)
+    set_route_all(layer, route_all)
+    return counts
+
+
 def set_route_all(layer: nn.Module, on: bool) -> list[str]:
     """Switch all-expert observation on or off for the expert blocks under ``layer``; their names."""
     names = []
@@ -305,4 +322,4 @@ def describe_tokens(summary: dict[str, float]) -> str:
 
 __all__ = ["expert_fields", "expert_share", "LinearExperts", "Expert", "ExpertLayout", "LAYOUTS", "unfuse_experts", "check_supported",
            "to_checkpoint_name", "from_checkpoint_name", "router_names", "token_summary", "describe_tokens", "expert_of",
-           "routed_tokens", "set_route_all"]
+           "routed_tokens", "set_route_all", "expert_blocks", "prepare_experts"]

@@ -17,7 +17,7 @@ from ..configs import register_method
 from ..engine import LayerMethod, Records, compress_layers, select_linears, write_rows
 from ..errors import ConfigError
 from ..modeling import get_module, name_matches, set_module
-from ..moe import LinearExperts, describe_tokens, expert_of, routed_tokens, set_route_all, token_summary
+from ..moe import describe_tokens, expert_of, prepare_experts, set_route_all, token_summary
 from ..stats import HessianStats, InputStats
 from ..structure import warn_uncompressed
 from .config import MagnitudeConfig, PruneConfig, SparseGPTConfig, WandaConfig
@@ -82,10 +82,7 @@ class Pruner(LayerMethod):
     def prepare_layer(self, layer: nn.Module, prefix: str, inputs) -> None:
         """MoE layers: count the tokens routed to each expert; let every expert observe every
         token if asked."""
-        blocks = {prefix + n: m for n, m in layer.named_modules() if isinstance(m, LinearExperts)}
-        if blocks and inputs is not None:
-            self.routed.update(routed_tokens(blocks, inputs))
-            set_route_all(layer, self.cfg.route_all_experts)
+        self.routed.update(prepare_experts(layer, prefix, inputs, self.cfg.route_all_experts))
 
     def new_stats(self, module: nn.Linear) -> HessianStats | InputStats:
         stats = HessianStats if isinstance(self.cfg, SparseGPTConfig) else InputStats

@@ -24,7 +24,7 @@ from torch import nn
 from ..configs import MethodConfig, register_method
 from ..engine import LayerMethod, Records, compress_layers
 from ..errors import ConfigError
-from ..moe import LinearExperts, expert_fields
+from ..moe import LinearExperts, expert_blocks, expert_fields
 from ..structure import prepare_model
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class _RoutingObserver(LayerMethod):
         self.mass: dict[str, _RouterMass] = {}
 
     def prepare_layer(self, layer: nn.Module, prefix: str, inputs) -> None:
-        blocks = {prefix + n: m for n, m in layer.named_modules() if isinstance(m, LinearExperts)}
+        blocks = expert_blocks(layer, prefix)
         if blocks and inputs is not None:
             self.mass.update(inputs.observe(blocks, lambda m: _RouterMass(m.num_experts), select=_routing))
 

@@ -15,7 +15,7 @@ from ..configs import register_method
 from ..engine import LayerMethod, Records, compress_layers, select_linears, write_rows
 from ..errors import ConfigError
 from ..modeling import get_module, set_module
-from ..moe import LinearExperts, describe_tokens, expert_of, routed_tokens, set_route_all, token_summary
+from ..moe import describe_tokens, expert_of, prepare_experts, set_route_all, token_summary
 from ..stats import HessianStats, InputStats
 from ..structure import warn_uncompressed
 from .config import GPTQConfig, IntWeightConfig, RTNConfig
@@ -85,11 +85,7 @@ class IntWeightQuantizer(LayerMethod):
     def prepare_layer(self, layer: nn.Module, prefix: str, inputs) -> None:
         """MoE layers: count the tokens routed to each expert and, if asked, let every expert
         observe every token."""
-        blocks = {prefix + n: m for n, m in layer.named_modules() if isinstance(m, LinearExperts)}
-        if not blocks or inputs is None:
-            return
-        self.routed.update(routed_tokens(blocks, inputs))
-        set_route_all(layer, self.gptq and self.cfg.route_all_experts)
+        self.routed.update(prepare_experts(layer, prefix, inputs, self.gptq and self.cfg.route_all_experts))
 
     def new_stats(self, module: nn.Linear) -> HessianStats | InputStats:
         # RTN (calibrated only for NVFP4 W4A4's input scale) needs no Hessian.
