@@ -1,0 +1,97 @@
+"""Activation quantization for W8A8 layers: the reference (the specification), and the dispatch to
+the fused Triton kernel (``act_quant_triton``) on a GPU.
+
+An activation ``x`` (..., K) is rounded to FP8 E4M3 or INT8 with symmetric scales:
+
+- ``token``: one scale per row (token), computed at run time from the row's max |x| (dynamic);
+- ``group``: one scale per row and per ``group_size`` consecutive columns (dynamic; the FP8 block
+  scheme's 1x128 groups; a last group narrower than ``group_size`` when it does not divide K);
+- ``tensor``: one static scale for every element, from calibration (``static_scale``).
+
+Scales follow vLLM, the client that serves these checkpoints: ``amax / 448`` (FP8, at least
+``FP8_MIN_SCALE``) and ``amax / 127`` (INT8), float32; codes are ``x / scale`` clamped to the
+format's range and cast (FP8: round to nearest even by the cast; INT8: ``torch.round``, also half to
+even). A zero row gets the smallest scale and all-zero codes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ACT_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
+ACT_STRATEGIES = ("token", "group", "tensor")
+FP8_MAX = 448.0
+INT8_MAX = 127.0
+# vLLM's lower bound on a dynamic FP8 scale (1 / (448 * 512)): keeps x / scale finite for zero rows.
+FP8_MIN_SCALE = 1.0 / (FP8_MAX * 512.0)
+INT8_MIN_SCALE = 1e-10
+
+
+def qmax(kind: str) -> float:
+    return FP8_MAX if kind == "fp8" else INT8_MAX
+
+
+def _check(kind: str, strategy: str) -> None:
+    if kind not in ACT_DTYPES:
+        raise ValueError(f"activation kind must be one of {', '.join(ACT_DTYPES)}, got {kind!r}")
+    if strategy not in ACT_STRATEGIES:
+        raise ValueError(f"activation strategy must be one of {', '.join(ACT_STRATEGIES)}, got {strategy!r}")
+
+
+def scale_from_amax(amax: torch.Tensor, kind: str) -> torch.Tensor:
+    """float32 scale(s) for max |x| ``amax``: amax / 448 (FP8) or amax / 127 (INT8), floored."""
+    floor = FP8_MIN_SCALE if kind == "fp8" else INT8_MIN_SCALE
+    return (amax.float() / qmax(kind)).clamp(min=floor)
+
+
+def _round(y: torch.Tensor, kind: str) -> torch.Tensor:
+    """float32 ``y`` (already divided by its scale) -> codes of ``kind``."""
+    if kind == "fp8":
+        return y.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return torch.round(y).clamp(-128.0, 127.0).to(torch.int8)
+
+
+def quantize_activations_reference(x: torch.Tensor, kind: str, strategy: str, *, group_size: int = 128,
+                                   static_scale: torch.Tensor | None = None
+                                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scales) of ``x`` (M, K): codes (M, K) float8_e4m3fn or int8; scales float32 of
+    shape (M, 1) for ``token``, (M, ceil(K / group_size)) for ``group``, (1,) for ``tensor``."""
+    _check(kind, strategy)
+    xf = x.float()
+    m, k = xf.shape
+    if strategy == "tensor":
+        if static_scale is None:
+            raise ValueError("static per-tensor activation quantization needs static_scale (from calibration)")
+        scale = static_scale.float().reshape(1)
+        return _round(xf / scale, kind), scale
+    if strategy == "token":
+        scale = scale_from_amax(xf.abs().amax(dim=-1, keepdim=True), kind)                  # (M, 1)
+        return _round(xf / scale, kind), scale
+    groups = -(-k // group_size)
+    pad = groups * group_size - k
+    xg = torch.nn.functional.pad(xf, (0, pad)).view(m, groups, group_size)                  # (M, G, g)
+    scale = scale_from_amax(xg.abs().amax(dim=-1), kind)                                     # (M, G)
+    codes = _round(xg / scale.unsqueeze(-1), kind).view(m, groups * group_size)[:, :k]
+    return codes.contiguous(), scale
+
+
+def dequantize_activations(codes: torch.Tensor, scale: torch.Tensor, strategy: str, *, group_size: int = 128,
+                           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """float ``codes * scale`` (M, K), the inverse of ``quantize_activations_reference``."""
+    m, k = codes.shape
+    cf = codes.float()
+    if strategy == "group":
+        groups = scale.shape[-1]
+        cf = torch.nn.functional.pad(cf, (0, groups * group_size - k)).view(m, groups, group_size)
+        return (cf * scale.float().unsqueeze(-1)).view(m, groups * group_size)[:, :k].to(dtype)
+    return (cf * scale.float()).to(dtype)
+
+
+def fake_quantize_activations(x: torch.Tensor, kind: str, strategy: str, *, group_size: int = 128,
+                              static_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` (..., K) rounded through ``kind`` codes and back, in ``x``'s dtype: what a W8A8 layer
+    computes with (simulation on any device; the search loss of SmoothQuant/AWQ)."""
+    shape = x.shape
+    codes, scale = quantize_activations_reference(x.reshape(-1, shape[-1]), kind, strategy,
+                                                  group_size=group_size, static_scale=static_scale)
+    return dequantize_activations(codes, scale, strategy, group_size=group_size, dtype=x.dtype).reshape(shape)
