@@ -4,6 +4,8 @@
     python benchmarks/linear_kernels.py --bits 8                 # int8 per-channel weights instead
     python benchmarks/linear_kernels.py --format nvfp4           # NVFP4 W4A16 (E2M1, fp8 scale per 16)
     python benchmarks/linear_kernels.py --format mxfp4           # MXFP4 W4A16 (E2M1, E8M0 scale per 32)
+    python benchmarks/linear_kernels.py --format fp8             # FP8 W8A8 (per channel x per token), M = 1, 16, 4096
+    python benchmarks/linear_kernels.py --format int8            # INT8 W8A8 (per channel x per token)
     TRITON_INTERPRET=1 python benchmarks/linear_kernels.py --device cpu --shapes 96x40 --batches 1,3 --repeat 1
 
 For each layer shape (in_features x out_features) and batch M: the median time of our kernel
@@ -11,6 +13,13 @@ For each layer shape (in_features x out_features) and batch M: the median time o
 F.linear, the speed-up, the ideal speed-up (bytes bf16 / bytes quantized for that M: 3.56x for
 NVFP4 at M = 1, ignoring activations), and the bandwidth each achieves as a fraction of the
 measured device-to-device copy bandwidth (bytes read + written).
+
+W8A8 (``--format fp8 | int8``): the whole layer as a model runs it, ``w8a8_linear(..., backend="auto")``
+(dynamic per-token activation quantization by the Triton kernel, then ``torch._scaled_mm`` /
+``torch._int_mm`` / our Triton GEMM as ``native_plan`` decides), activation quantization inside
+the timed region, against bf16 F.linear; default shapes Llama-3-8B qkv, o, gate_up (fused) and down
+at M = 1, 16, 4096. The ideal speed-up is the byte ratio for M <= 16 and 2x (the 8-bit tensor-core
+rate) above.
 
 Fairness: both sides run inside CUDA graphs (no launch gaps), and each side rotates over enough
 weight copies (>= 4x the L2 size) that every call reads its weights from device memory, not L2.
@@ -33,15 +42,20 @@ import torch
 from compress.kernels.dequant_linear import dequant_linear, triton_unsupported
 from compress.kernels.fp4_linear import BLOCK, fp4_linear
 from compress.kernels.packing import pack_int32
+from compress.kernels.w8a8_linear import w8a8_linear
 from compress.report import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 # Llama-3-8B: attention out / q (4096 -> 4096), MLP up or gate (4096 -> 14336), MLP down
 # (14336 -> 4096), fused QKV (4096 -> 4096 + 2 * 1024).
 LLAMA3_8B = ((4096, 4096), (4096, 14336), (14336, 4096), (4096, 6144))
+# W8A8: fused qkv, o, fused gate_up, down.
+LLAMA3_8B_W8A8 = ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096))
 # Minimum speed-up over bf16 at these M, per format; never below 1.0 elsewhere.
-TARGETS = {"int": {1: 3.0, 16: 2.5}, "nvfp4": {1: 2.8}, "mxfp4": {1: 2.8}}
+TARGETS = {"int": {1: 3.0, 16: 2.5}, "nvfp4": {1: 2.8}, "mxfp4": {1: 2.8}, "fp8": {1: 1.6, 4096: 1.6},
+           "int8": {}}
 FORMATS = tuple(TARGETS)
+W8A8 = ("fp8", "int8")
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -111,8 +125,22 @@ def fp4_weight_sets(k: int, n: int, kind: str, copies: int, device) -> list[tupl
     return out
 
 
+def w8a8_weight_sets(k: int, n: int, kind: str, copies: int, device) -> list[tuple]:
+    """``copies`` random (codes (N, K), bf16 per-channel scales (N, 1)) W8A8 weights of one layer."""
+    out = []
+    for _ in range(copies):
+        if kind == "fp8":
+            codes = (torch.randn(n, k) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+        else:
+            codes = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        out.append((codes.to(device), (torch.rand(n, 1) * 1e-4 + 1e-5).to(torch.bfloat16).to(device)))
+    return out
+
+
 def quantized_bytes(k: int, n: int, args) -> float:
     """Bytes of one packed weight: codes plus scales (int: bf16 scales; NVFP4: fp8 + the global)."""
+    if args.format in W8A8:
+        return n * k + n * 2
     if args.format == "int":
         return n * k * args.bits / 8 + n * (1 if args.group_size is None else -(-k // args.group_size)) * 2
     return n * k / 2 + n * k // BLOCK[args.format] + (4 if args.format == "nvfp4" else 0)
@@ -133,6 +161,14 @@ def measure(k: int, n: int, m: int, args, bench, device, copy_bw: float) -> dict
         def ours():
             for packed, scale in qs:
                 dequant_linear(x, packed, scale, None, None, **meta)
+    elif args.format in W8A8:
+        wqs = w8a8_weight_sets(k, n, args.format, rotate, device)
+        # The layer as a model runs it: auto (native path) on the GPU, the Triton kernels on the CPU.
+        backend = "auto" if device.type == "cuda" else "triton"
+
+        def ours():
+            for codes, scale in wqs:
+                w8a8_linear(x, codes, scale, None, None, kind=args.format, act="token", backend=backend)
     else:
         fqs = fp4_weight_sets(k, n, args.format, rotate, device)
 
@@ -147,11 +183,15 @@ def measure(k: int, n: int, m: int, args, bench, device, copy_bw: float) -> dict
     ours()                                        # autotunes this shape outside any graph capture
     t_ours = bench(ours) / rotate
     t_bf16 = bench(dense) / rotate
-    fp4 = args.format != "int"
-    row = {"in_features": k, "out_features": n, "m": m, "format": args.format, "bits": 4 if fp4 else bits,
-           "group_size": None if fp4 else group, "block_size": BLOCK[args.format] if fp4 else None,
+    fp4 = args.format in ("nvfp4", "mxfp4")
+    ideal = (bf16_bytes + io_bytes) / (q_bytes + io_bytes)
+    if args.format in W8A8 and m > 16:
+        ideal = 2.0                                                   # compute-bound: 8-bit tensor-core rate
+    row = {"in_features": k, "out_features": n, "m": m, "format": args.format,
+           "bits": 4 if fp4 else (8 if args.format in W8A8 else bits),
+           "group_size": group if args.format == "int" else None, "block_size": BLOCK[args.format] if fp4 else None,
            "ours_us": t_ours * 1e3, "bf16_us": t_bf16 * 1e3, "speedup": t_bf16 / t_ours,
-           "ideal_speedup": (bf16_bytes + io_bytes) / (q_bytes + io_bytes), "weight_copies": rotate}
+           "ideal_speedup": ideal, "weight_copies": rotate}
     row["ours_bw_frac"] = (q_bytes + io_bytes) / (t_ours * 1e-3) / copy_bw
     row["bf16_bw_frac"] = (bf16_bytes + io_bytes) / (t_bf16 * 1e-3) / copy_bw
     row["target"] = TARGETS[args.format].get(m, 1.0)
@@ -176,22 +216,31 @@ def describe(args) -> str:
         return "NVFP4 (E2M1, E4M3 scale per 16, float32 global)"
     if args.format == "mxfp4":
         return "MXFP4 (E2M1, E8M0 scale per 32)"
+    if args.format in W8A8:
+        return f"{args.format.upper()} W8A8 (weights per channel, activations dynamic per token, quantization timed)"
     return f"int{args.bits} {'g' + str(args.group_size) if args.group_size else 'per channel'}"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--shapes", type=parse_shapes, default=list(LLAMA3_8B), help="IN1xOUT1,IN2xOUT2,...")
-    p.add_argument("--batches", default="1,4,16,64,256", help="comma-separated M values")
+    p.add_argument("--shapes", type=parse_shapes, default=None,
+                   help="IN1xOUT1,IN2xOUT2,... (default: Llama-3-8B layers)")
+    p.add_argument("--batches", default=None, help="comma-separated M values (default 1,4,16,64,256; W8A8 1,16,4096)")
     p.add_argument("--format", choices=FORMATS, default="int",
-                   help="int: pack-quantized int4/int8 (--bits, --group-size); nvfp4 / mxfp4: FP4 W4A16")
+                   help="int: pack-quantized int4/int8 (--bits, --group-size); nvfp4 / mxfp4: FP4 W4A16; "
+                        "fp8 / int8: W8A8 (8-bit weights and activations)")
     p.add_argument("--bits", type=int, choices=[4, 8], default=4, help="--format int only")
     p.add_argument("--group-size", type=lambda s: None if s == "channel" else int(s), default=None)
     p.add_argument("--no-graphs", action="store_true", help="time eager launches instead of CUDA graphs")
     p.add_argument("--repeat", type=int, default=5, help="CPU only: timed repetitions")
     p.add_argument("--json-out", type=Path)
     args = p.parse_args(argv)
+    w8a8 = args.format in W8A8
+    if args.shapes is None:
+        args.shapes = list(LLAMA3_8B_W8A8 if w8a8 else LLAMA3_8B)
+    if args.batches is None:
+        args.batches = "1,16,4096" if w8a8 else "1,4,16,64,256"
     if args.group_size is None:
         args.group_size = 128 if args.bits == 4 else None
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

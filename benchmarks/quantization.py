@@ -3,6 +3,7 @@
     python benchmarks/quantization.py                      # float + integer settings, ~20 minutes on 2 CPU cores
     python benchmarks/quantization.py --only gptq-w4g64-sym --verify
     python benchmarks/quantization.py --fp4 --verify --output benchmarks/results/quantization-smollm2-fp4.json
+    python benchmarks/quantization.py --w8a8 --verify --output benchmarks/results/quantization-smollm2-w8a8.json
 
 For each setting: WikiText-2 test perplexity (first 40 windows of 512 tokens), quantization wall
 time (calibration data + solve; GPTQ calibrates on 64 windows of 512 tokens from valid.txt, seed 0),
@@ -27,6 +28,9 @@ import torch
 import compress
 from compress.quant.fp4_linear import FP4Linear
 from compress.quant.linear import QuantLinear
+from compress.quant.packed import PackedLinear
+from compress.configs import method_of
+from compress.formats import FP4_SCHEMES
 from compress.report import machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +58,27 @@ SETTINGS = {
 FP4 = [name for name, cfg in SETTINGS.items() if cfg is not None and cfg.scheme != "int"]
 
 
+def w8a8_settings() -> dict:
+    """W8A8 (FP8, INT8) and smoothing settings (--w8a8): a setting may be a list of passes run in
+    order (smoothing, then quantization). GPTQ int4 alone is repeated for the time comparison."""
+    sq, awq = compress.SmoothQuantConfig(), compress.AWQConfig(bits=4, group_size=64, symmetric=True)
+    return {
+        "fp8-rtn": compress.RTNConfig(scheme="fp8"),
+        "fp8-block-rtn": compress.RTNConfig(scheme="fp8-block"),
+        "fp8-static-rtn": compress.RTNConfig(scheme="fp8-static"),
+        "int8-w8a8-rtn": compress.RTNConfig(scheme="w8a8-int8"),
+        "sq-int8-w8a8-rtn": [sq, compress.RTNConfig(scheme="w8a8-int8")],
+        "sq-int8-w8a8-gptq": [sq, compress.GPTQConfig(scheme="w8a8-int8")],
+        "gptq-w4g64-sym": SETTINGS["gptq-w4g64-sym"],
+        "awq-w4g64-rtn": [awq, compress.RTNConfig(bits=4, group_size=64, symmetric=True)],
+        "awq-w4g64-gptq": [awq, compress.GPTQConfig(bits=4, group_size=64, symmetric=True)],
+    }
+
+
+W8A8_NAMES = {"fp8-rtn", "fp8-block-rtn", "fp8-static-rtn", "int8-w8a8-rtn", "sq-int8-w8a8-rtn",
+              "sq-int8-w8a8-gptq", "awq-w4g64-rtn", "awq-w4g64-gptq"}
+
+
 def ideal_bytes(model) -> int:
     """Codes at exactly `bits` per weight, scales (and packed zero points) in their dtype, every
     other tensor as stored; tied weights once."""
@@ -76,6 +101,11 @@ def ideal_bytes(model) -> int:
             if module.bias is not None:
                 total += module.bias.numel() * module.bias.element_size()
             continue
+        if isinstance(module, PackedLinear):                     # W8A8: 8-bit codes + scales are the ideal
+            total += sum(b.numel() * b.element_size() for b in module.buffers(recurse=False))
+            if module.bias is not None:
+                total += module.bias.numel() * module.bias.element_size()
+            continue
         for p in list(module.parameters(recurse=False)):
             if id(p) not in seen:
                 seen.add(id(p))
@@ -94,15 +124,20 @@ def perplexity(model, tok, args, row: dict | None = None, key: str = "eval_secon
 def run_setting(name, cfg, base, tok, args) -> dict:
     row: dict = {"setting": name}
     model = copy.deepcopy(base)
-    if cfg is not None:
-        row["config"] = cfg.to_dict()
+    passes = cfg if isinstance(cfg, list) else [cfg] if cfg is not None else []
+    if passes:
+        row["config"] = [c.to_dict() for c in passes] if isinstance(cfg, list) else cfg.to_dict()
         start = time.perf_counter()
         calib = None
-        if isinstance(cfg, compress.GPTQConfig) or cfg.scheme == "nvfp4":       # W4A4 needs activation ranges
+        if any(method_of(c).needs_data(c) for c in passes):     # GPTQ, smoothing, static activation scales
             calib = compress.calibration_data(tok, args.calib, samples=args.samples, seqlen=args.seqlen,
                                               seed=args.seed)
-        compress.quantize(model, cfg, calib=calib, progress=False)
+        for c in passes:
+            pass_start = time.perf_counter()
+            compress.apply(model, c, calib=calib, progress=False)
+            row[f"{c.method}_seconds"] = time.perf_counter() - pass_start
         row["quantize_seconds"] = time.perf_counter() - start
+        cfg = passes[-1]                                          # the quantization pass decides the reload dtype
     row["perplexity"] = perplexity(model, tok, args, row)
     with tempfile.TemporaryDirectory() as tmp:
         path = compress.export(model, tok, Path(tmp) / name)
@@ -117,7 +152,7 @@ def run_setting(name, cfg, base, tok, args) -> dict:
             # Asymmetric: compressed-tensors 0.20's default path mis-sizes packed zero points
             # (llm-compressor issue #1618); dequantize=True is the documented workaround.
             kwargs = {} if cfg.symmetric else {"quantization_config": CompressedTensorsConfig(dequantize=True)}
-            if cfg.scheme != "int":
+            if cfg.scheme in FP4_SCHEMES:
                 # compressed-tensors 0.20 decompresses FP4 weights to bfloat16 whatever the model dtype, so
                 # both runtimes are compared in bfloat16 (a float32 model fails with a dtype mismatch).
                 kwargs = {"dtype": torch.bfloat16}
@@ -153,9 +188,11 @@ def main(argv=None) -> int:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", nargs="*", choices=sorted(SETTINGS),
+    p.add_argument("--only", nargs="*", choices=sorted(set(SETTINGS) | W8A8_NAMES),
                    help="settings to run (default: float and the integer settings)")
     p.add_argument("--fp4", action="store_true", help="run float and the FP4 settings (NVFP4A16, W4A4, MXFP4)")
+    p.add_argument("--w8a8", action="store_true", help="run float and the W8A8 (FP8, INT8) and smoothing settings "
+                   "(SmoothQuant, AWQ), with GPTQ int4 alone for the time comparison")
     p.add_argument("--verify", action="store_true", help="reload each export (compress and transformers)")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "quantization-smollm2.json"))
     args = p.parse_args(argv)
@@ -163,9 +200,13 @@ def main(argv=None) -> int:
 
     base, tok = compress.load_model(args.model)
     rows = []
-    names = args.only or (["float", *FP4] if args.fp4 else [n for n in SETTINGS if n not in FP4])
+    settings = dict(SETTINGS)
+    if args.w8a8 or set(args.only or ()) & W8A8_NAMES:
+        settings.update(w8a8_settings())
+    names = args.only or (["float", *FP4] if args.fp4 else ["float", *w8a8_settings()] if args.w8a8
+                          else [n for n in SETTINGS if n not in FP4])
     for name in names:
-        rows.append(run_setting(name, SETTINGS[name], base, tok, args))
+        rows.append(run_setting(name, settings[name], base, tok, args))
         print(f"{name}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                       for k, v in rows[-1].items() if k not in ("setting", "config")), flush=True)
     print()

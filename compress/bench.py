@@ -40,7 +40,7 @@ from .errors import ConfigError, ModelLoadError
 from .kernels.dequant_linear import check_backend
 from .loading import load_model, resolve_dtype, resolve_source
 from .modeling import set_module
-from .plan.cost import Workload, formats_of, model_shape, predict
+from .plan.cost import Workload, efficiency_family, formats_of, model_shape, predict
 from .plan.devices import load_profile
 from .quant.packed import PackedLinear
 from .report import machine
@@ -424,7 +424,7 @@ def attach_prediction(m: Measurement, model: nn.Module, profile, settings: Bench
     m.predicted_prefill_seconds = seconds(profile, "prefill")
     weight = {}
     for unit in shape.units:
-        fam = fm[unit.name].family
+        fam = efficiency_family(profile.efficiency["decode"], fm[unit.name].family)
         weight[fam] = weight.get(fam, 0) + unit.params
     family = max(weight, key=weight.get)
     m.calibration = {}

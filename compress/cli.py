@@ -99,7 +99,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="any field of the method's config (repeatable), e.g. --set damp=0.05")
     q.add_argument("--scheme", choices=list(SCHEMES), default="int",
                    help="weight format: int (--bits/--group-size grid), nvfp4a16 (FP4 weights, FP8 scale per 16), "
-                        "nvfp4 (W4A4: nvfp4a16 + activations, needs --calib), mxfp4 (FP4, E8M0 scale per 32)")
+                        "nvfp4 (W4A4: nvfp4a16 + activations, needs --calib), mxfp4 (FP4, E8M0 scale per 32); "
+                        "W8A8 (8-bit weights and activations): fp8 (per channel, activations per token), "
+                        "fp8-block (128x128 blocks, activations per 1x128), fp8-static (per tensor, needs --calib), "
+                        "w8a8-int8 (INT8 per channel, activations per token), w8a8-int8-static (needs --calib)")
     q.add_argument("--bits", type=int, default=4)
     # SUPPRESS: left out of args unless given, so the config's default applies and an FP4 scheme
     # (which fixes its own block) can tell a --group-size the user gave from the default.
@@ -342,8 +345,9 @@ def _check_arguments(args) -> None:
         block = WeightFormat.from_scheme(args.scheme).group_size
         if args.group_size != block:
             given = "channel" if args.group_size is None else args.group_size
-            raise ConfigError(f"--group-size {given} does not apply to --scheme {args.scheme}: its block is fixed "
-                              f"at {block} inputs; drop --group-size (or use --scheme int for integer groups)")
+            fixed = f"its block is fixed at {block} inputs" if block else "its scales are fixed per channel or tensor"
+            raise ConfigError(f"--group-size {given} does not apply to --scheme {args.scheme}: {fixed}; drop "
+                              f"--group-size (or use --scheme int for integer groups)")
 
 
 def _output_dir(args) -> Path | None:
@@ -406,8 +410,11 @@ def _quantize(args) -> int:
         flags["observer"] = args.observer
     cfg = _method_config(args.method, flags, args.settings, "command line")
     if not args.calib and method_of(cfg).needs_data(cfg):
-        what = (f"--method {args.method}" if args.scheme != "nvfp4" or args.method == "gptq"
-                else "--scheme nvfp4 (W4A4 activation scales)")
+        # Smoothing passes have no weight format; their data need is the method's own.
+        static = getattr(getattr(cfg, "weight_format", None), "static_activations", False)
+        what = (f"--method {args.method}" if args.method == "gptq" or not static
+                else f"--scheme {args.scheme} ({'W4A4' if args.scheme == 'nvfp4' else 'W8A8 static'} activation "
+                     f"scales)")
         print(f"compress quantize: error: {what} needs --calib FILE (calibration text)", file=sys.stderr)
         return 2
     return _run_passes(args, [cfg] + passes)

@@ -26,10 +26,23 @@ Spellings (case-insensitive; ``str`` gives the first form of each):
                        activations stay 16-bit
     nvfp4              the same weights, activations rounded to NVFP4 at run time (W4A4)
     mxfp4              E2M1 weights, an E8M0 power-of-two scale per 32 inputs
+    fp8                W8A8: FP8 E4M3 weights, a scale per output channel; FP8 activations with a
+                       dynamic scale per token (llm-compressor's FP8_DYNAMIC)
+    fp8-block          FP8 E4M3 weights, a scale per 128x128 block; FP8 activations with a dynamic
+                       scale per 1x128 group (FP8_BLOCK, DeepSeek-V3 / Qwen3). A last block (rows or
+                       columns) narrower than 128 is allowed (SmolLM2's 576 = 4 x 128 + 64), as
+                       compressed-tensors allows it; vLLM needs in_features divisible by 128
+    fp8-static         FP8 E4M3 weights, one scale per tensor; FP8 activations with one static scale
+                       per tensor from calibration (llm-compressor's FP8)
+    w8a8-int8          INT8 symmetric weights, a scale per output channel; INT8 symmetric activations
+                       with a dynamic scale per token (llm-compressor's W8A8 / INT8)
+    w8a8-int8-static   the same weights; INT8 activations with one static scale per tensor
 
-``kind`` names the storage ("dense", "int", "nvfp4", "mxfp4") and ``act_quant`` whether the
-activations are quantized too. Formats still to come slot in as a kind (``fp8``: float8 weights)
-or as ``act_quant`` on a kind (``w8a8-int8``: int8 weights and activations).
+``kind`` names the storage ("dense", "int", "nvfp4", "mxfp4", "fp8") and ``act_quant`` whether the
+activations are quantized too; ``weight_strategy`` (fp8 only: "channel", "tensor", "block") and
+``act_strategy`` (W8A8 only: "token", "group", "tensor") say how the scales are laid out. The W8A8
+formats are exactly the five rows above: other combinations of these fields are refused. ``int8``
+stays the weight-only format; ``w8a8-int8`` is ``int8`` with ``act_quant``.
 
 Not part of a format: the observer (how a solver chose the scales) and GPTQ's ``actorder``. They do
 not change what the stored numbers mean, so layers solved differently still share a format (the
@@ -56,36 +69,52 @@ from torch import nn
 from .errors import CheckpointError, ConfigError
 from .kernels.fp4_linear import BLOCK
 
-KINDS = ("dense", "int", "nvfp4", "mxfp4")
+KINDS = ("dense", "int", "nvfp4", "mxfp4", "fp8")
 # The 4-bit float schemes as configs name them: scheme -> (kind, activations quantized too).
 _FP4_SCHEMES = {"nvfp4a16": ("nvfp4", False), "nvfp4": ("nvfp4", True), "mxfp4": ("mxfp4", False)}
 FP4_SCHEMES = tuple(_FP4_SCHEMES)
-SCHEMES = ("int",) + FP4_SCHEMES                    # the values of IntWeightConfig.scheme
-# compressed-tensors' "format" of a config group, per kind.
-CT_FORMATS = {"int": "pack-quantized", "nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
+# The W8A8 schemes: scheme -> (kind, weight_strategy, act_strategy); group_size 128 for the block one.
+_W8A8_SCHEMES = {"fp8": ("fp8", "channel", "token"), "fp8-block": ("fp8", "block", "group"),
+                 "fp8-static": ("fp8", "tensor", "tensor"), "w8a8-int8": ("int", None, "token"),
+                 "w8a8-int8-static": ("int", None, "tensor")}
+W8A8_SCHEMES = tuple(_W8A8_SCHEMES)
+# FP8 block scheme: weight scales per W8A8_BLOCK x W8A8_BLOCK block, activation scales per 1 x W8A8_BLOCK.
+W8A8_BLOCK = 128
+SCHEMES = ("int",) + FP4_SCHEMES + W8A8_SCHEMES     # the values of IntWeightConfig.scheme
+# compressed-tensors' "format" of a config group, per kind (integer W8A8: "int-quantized", see ct_format).
+CT_FORMATS = {"int": "pack-quantized", "nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized",
+              "fp8": "float-quantized"}
+CT_INT_W8A8 = "int-quantized"
 _DENSE_NAMES = ("bf16", "dense", "fp16", "float")
 _INT_RE = re.compile(r"^(?P<u>u?)int(?P<bits>\d+)(?:-g(?P<g>\d+))?(?P<asym>-asym)?(?P<partial>-partial)?$")
 SPELLINGS = ("bf16, int8 (a scale per output channel), int4-g64 (a scale per 64 inputs), int3-g64-asym "
              "(zero points; uint3-g64 reads the same), int4-g128-partial (a narrower last group allowed), "
-             "nvfp4a16, nvfp4 (W4A4) or mxfp4")
+             "nvfp4a16, nvfp4 (W4A4), mxfp4, fp8 (W8A8, per-token activations), fp8-block, fp8-static, "
+             "w8a8-int8 or w8a8-int8-static")
 
-# kind -> (packed module class, solver grid class), registered by compress.quant.formats.
-_KIND_CLASSES: dict[str, tuple[type, type]] = {}
+# (kind, act_quant or None for both) -> (packed module class, solver grid class), registered by
+# compress.quant.formats. Integer weights are stored two ways: packed int32 words (weight-only,
+# QuantLinear) or plain int8 beside int8 activations (W8A8Linear), so "int" registers per act_quant.
+_KIND_CLASSES: dict[tuple[str, bool | None], tuple[type, type]] = {}
 
 
-def register_kind(kind: str, *, packed: type, grid: type) -> None:
+def register_kind(kind: str, *, packed: type, grid: type, act_quant: bool | None = None) -> None:
     """Register the packed module class and the solver grid class of ``kind``, once.
 
-    ``packed`` provides ``for_format(fmt, in_features, out_features, *, bias, dtype, device,
-    observer, actorder)`` (an empty module) and ``from_result(fmt, result, *, bias, dtype,
-    input_amax, observer, actorder)`` (a module holding a solve's codes); ``grid`` provides
-    ``from_format(fmt, scale_dtype, observer)``."""
+    ``act_quant``: register only the formats of ``kind`` whose activations are (True) or are not
+    (False) quantized; None (default) registers both. ``packed`` provides ``for_format(fmt,
+    in_features, out_features, *, bias, dtype, device, observer, actorder)`` (an empty module) and
+    ``from_result(fmt, result, *, bias, dtype, input_amax, observer, actorder)`` (a module holding a
+    solve's codes); ``grid`` provides ``from_format(fmt, scale_dtype, observer)``."""
     if kind not in KINDS or kind == "dense":
         raise TypeError(f"kind must be one of {', '.join(KINDS[1:])}, got {kind!r}")
-    if kind in _KIND_CLASSES:
-        raise TypeError(f"weight format kind {kind!r} is registered already "
-                        f"({_KIND_CLASSES[kind][0].__name__}, {_KIND_CLASSES[kind][1].__name__})")
-    _KIND_CLASSES[kind] = (packed, grid)
+    clash = [key for key in _KIND_CLASSES if key[0] == kind and (act_quant is None or key[1] in (None, act_quant))]
+    if clash:
+        packed_old, grid_old = _KIND_CLASSES[clash[0]]
+        what = "" if clash[0][1] is None else f" with act_quant={clash[0][1]}"
+        raise TypeError(f"weight format kind {kind!r}{what} is registered already "
+                        f"({packed_old.__name__}, {grid_old.__name__})")
+    _KIND_CLASSES[(kind, act_quant)] = (packed, grid)
 
 
 def check_group_size(name: str, in_features: int, group_size: int | None, partial_groups: bool) -> None:
@@ -108,8 +137,12 @@ class WeightFormat:
     group_size:     input columns per scale; None = one scale per output channel. FP4: the block
                     size the format fixes (16 for nvfp4, 32 for mxfp4)
     symmetric:      no zero points (always for FP4)
-    act_quant:      activations are quantized too (nvfp4: W4A4)
+    act_quant:      activations are quantized too (nvfp4: W4A4; fp8 and w8a8-int8: W8A8)
     partial_groups: int only: the last group of a row may be narrower than group_size
+    weight_strategy: fp8 only: "channel" (a scale per output row), "tensor" (one scale) or "block"
+                    (a scale per 128x128 block; group_size 128, a narrower last block allowed)
+    act_strategy:   W8A8 only: "token" (dynamic per row), "group" (dynamic per 1x128) or "tensor"
+                    (static, from calibration)
     """
 
     kind: str
@@ -118,6 +151,8 @@ class WeightFormat:
     symmetric: bool = True
     act_quant: bool = False
     partial_groups: bool = False
+    weight_strategy: str | None = None
+    act_strategy: str | None = None
 
     def __post_init__(self) -> None:
         problem = self._problem()
@@ -128,6 +163,9 @@ class WeightFormat:
         kind, bits, g = self.kind, self.bits, self.group_size
         if kind not in KINDS:
             return f"weight format kind must be one of {', '.join(KINDS)}, got {kind!r}"
+        if kind == "fp8" or self.act_strategy is not None or self.weight_strategy is not None or (
+                kind == "int" and self.act_quant):
+            return self._w8a8_problem()
         if kind == "dense":
             if (bits, g, self.symmetric, self.act_quant, self.partial_groups) != (16, None, True, False, False):
                 return "a dense format is 16-bit, with no groups, zero points or activation quantization"
@@ -137,8 +175,6 @@ class WeightFormat:
                 return f"bits must be between 2 and 8, got {bits}"
             if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g <= 0):
                 return f"group_size must be a positive integer or null (per channel), got {g}"
-            if self.act_quant:
-                return "integer formats with quantized activations (w8a8-int8) are not implemented yet"
             if self.partial_groups and g is None:
                 return "partial_groups needs a group_size (per-channel scales have no groups)"
             return None
@@ -153,6 +189,35 @@ class WeightFormat:
             return f"{kind} with quantized activations is not implemented; nvfp4 (W4A4) is"
         return None
 
+    def _w8a8_problem(self) -> str | None:
+        """W8A8 formats are the rows of _W8A8_SCHEMES, nothing in between."""
+        if self._w8a8_scheme() is None:
+            return (f"{self.kind} weights with weight_strategy={self.weight_strategy!r}, act_strategy="
+                    f"{self.act_strategy!r}, bits={self.bits}, group_size={self.group_size}, symmetric="
+                    f"{self.symmetric} is not a W8A8 format compress runs; use one of {', '.join(W8A8_SCHEMES)}")
+        return None
+
+    def _w8a8_scheme(self) -> str | None:
+        """The W8A8 scheme these fields spell exactly, or None."""
+        for scheme, (kind, weight_strategy, act_strategy) in _W8A8_SCHEMES.items():
+            group = W8A8_BLOCK if weight_strategy == "block" else None
+            if (self.kind, self.bits, self.group_size, self.symmetric, self.act_quant, self.partial_groups,
+                    self.weight_strategy, self.act_strategy) == (kind, 8, group, True, True, False, weight_strategy,
+                                                                 act_strategy):
+                return scheme
+        return None
+
+    @property
+    def w8a8(self) -> bool:
+        """FP8 or INT8 weights with FP8 / INT8 activations (W8A8Linear)."""
+        return self.act_strategy is not None
+
+    @property
+    def static_activations(self) -> bool:
+        """The activations' scale is fixed from calibration data (nvfp4 W4A4's global scale, the
+        static per-tensor W8A8 schemes): quantizing needs calibration data even with RTN."""
+        return self.act_quant and (self.kind == "nvfp4" or self.act_strategy == "tensor")
+
     # --- names --------------------------------------------------------------------------------
     @classmethod
     def parse(cls, text: str) -> WeightFormat:
@@ -162,7 +227,7 @@ class WeightFormat:
         text = str(text).strip().lower()
         if text in _DENSE_NAMES:
             return cls("dense", 16)
-        if text in _FP4_SCHEMES:
+        if text in _FP4_SCHEMES or text in _W8A8_SCHEMES:
             return cls.from_scheme(text)
         m = _INT_RE.match(text)
         if m is None:
@@ -177,7 +242,7 @@ class WeightFormat:
             raise ConfigError(f"weight format {original!r}: {exc}; valid spellings: {SPELLINGS}") from None
 
     def __str__(self) -> str:
-        if self.kind == "int":
+        if self.kind == "int" and not self.w8a8:
             return (f"int{self.bits}{'' if self.group_size is None else f'-g{self.group_size}'}"
                     f"{'' if self.symmetric else '-asym'}{'-partial' if self.partial_groups else ''}")
         return "bf16" if self.dense else self.scheme
@@ -192,7 +257,10 @@ class WeightFormat:
 
     @property
     def scheme(self) -> str:
-        """The scheme as configs name it: int, nvfp4a16, nvfp4, mxfp4 (dense: "dense")."""
+        """The scheme as configs name it: int, nvfp4a16, nvfp4, mxfp4, fp8, fp8-block, fp8-static,
+        w8a8-int8, w8a8-int8-static (dense: "dense")."""
+        if self.w8a8:
+            return self._w8a8_scheme()
         if self.kind in ("dense", "int"):
             return self.kind
         return next(s for s, (k, act) in _FP4_SCHEMES.items() if (k, act) == (self.kind, self.act_quant))
@@ -203,18 +271,33 @@ class WeightFormat:
 
     @property
     def family(self) -> str:
-        """The kernel family of the cost model's efficiency tables: bf16, int or fp4."""
+        """The kernel family of the cost model's efficiency tables: bf16, int, fp4, or for W8A8 the
+        native math it runs on, fp8 or int8 (``compress.plan.cost`` falls back to bf16's efficiency
+        where a profile has no entry for them)."""
+        if self.w8a8:
+            return "fp8" if self.kind == "fp8" else "int8"
         return {"dense": "bf16", "int": "int"}.get(self.kind, "fp4")
 
     # --- configs and modules --------------------------------------------------------------------
     @classmethod
     def from_scheme(cls, scheme: str, bits: int = 4, group_size: int | None = None, symmetric: bool = True,
                     partial_groups: bool = False) -> WeightFormat:
-        """The format of a config's fields. The FP4 schemes fix their block, so ``group_size`` and
-        ``partial_groups`` do not apply to them (but must still be valid values); ``partial_groups``
-        of a per-channel integer format means nothing and is dropped."""
+        """The format of a config's fields. The FP4 and W8A8 schemes fix their layout, so
+        ``group_size`` and ``partial_groups`` do not apply to them (but must still be valid values);
+        ``partial_groups`` of a per-channel integer format means nothing and is dropped. W8A8
+        schemes take ``bits`` 8 or the config default 4 (the field left alone)."""
         if scheme not in SCHEMES:
             raise ConfigError(f"scheme must be one of {', '.join(SCHEMES)}; got {scheme!r}")
+        if scheme in _W8A8_SCHEMES:
+            if bits not in (4, 8):
+                raise ConfigError(f"scheme {scheme!r} stores 8-bit weights; drop bits (or set it to 8), got {bits}")
+            if not symmetric:
+                raise ConfigError(f"scheme {scheme!r} is symmetric (no zero points); drop symmetric: false")
+            if group_size is not None and (isinstance(group_size, bool) or group_size <= 0):
+                raise ConfigError(f"group_size must be a positive integer or null (per channel), got {group_size}")
+            kind, weight_strategy, act_strategy = _W8A8_SCHEMES[scheme]
+            return cls(kind, 8, W8A8_BLOCK if weight_strategy == "block" else None, act_quant=True,
+                       weight_strategy=weight_strategy, act_strategy=act_strategy)
         if scheme != "int":
             if bits != 4:
                 raise ConfigError(f"scheme {scheme!r} stores 4-bit floats; bits must be 4, got {bits}")
@@ -239,7 +322,7 @@ class WeightFormat:
 
     def config_fields(self) -> dict[str, Any]:
         """The fields an RTN/GPTQ config (or one of its overrides) takes for this format."""
-        if self.kind == "int":
+        if self.kind == "int" and not self.w8a8:
             out = {"scheme": "int", "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
             if self.partial_groups:
                 out["partial_groups"] = True
@@ -257,12 +340,16 @@ class WeightFormat:
             return fmt
         if isinstance(module, nn.Linear):
             return cls("dense", 16)
-        raise ConfigError(f"a {type(module).__name__} has no weight format (nn.Linear, QuantLinear and FP4Linear "
-                          f"have one)")
+        raise ConfigError(f"a {type(module).__name__} has no weight format (nn.Linear, QuantLinear, FP4Linear and "
+                          f"W8A8Linear have one)")
 
     # --- shapes -------------------------------------------------------------------------------
     def check_shape(self, name: str, in_features: int) -> None:
-        """Refuse a layer (``name``, ``in_features`` inputs) this format cannot hold, saying what to do."""
+        """Refuse a layer (``name``, ``in_features`` inputs) this format cannot hold, saying what to do.
+        W8A8 formats hold any layer: fp8-block's last block may be narrower than 128 (vLLM refuses
+        in_features not divisible by 128 there; the export warns, naming the layers)."""
+        if self.w8a8:
+            return
         if self.kind == "int":
             check_group_size(name, in_features, self.group_size, self.partial_groups)
         elif not self.dense and in_features % self.group_size:
@@ -273,7 +360,7 @@ class WeightFormat:
 
     def fits(self, in_features: int) -> bool:
         """Whether a layer with ``in_features`` inputs can take this format (``check_shape`` passes)."""
-        if self.dense or self.group_size is None or (self.kind == "int" and self.partial_groups):
+        if self.dense or self.w8a8 or self.group_size is None or (self.kind == "int" and self.partial_groups):
             return True
         return in_features % self.group_size == 0
 
@@ -281,10 +368,11 @@ class WeightFormat:
     def _classes(self) -> tuple[type, type]:
         if self.dense:
             raise ConfigError("bf16 is not quantized: it has no solver grid and no packed module")
-        if self.kind not in _KIND_CLASSES:
+        classes = _KIND_CLASSES.get((self.kind, self.act_quant)) or _KIND_CLASSES.get((self.kind, None))
+        if classes is None:
             raise ConfigError(f"no packed module is registered for {self}; compress.quant.formats registers "
                               f"{', '.join(KINDS[1:])} (import compress)")
-        return _KIND_CLASSES[self.kind]
+        return classes
 
     @property
     def packed_class(self) -> type[nn.Module]:
@@ -292,16 +380,16 @@ class WeightFormat:
         return nn.Linear if self.dense else self._classes()[0]
 
     def solver_grid(self, scale_dtype: torch.dtype, observer: str = "minmax"):
-        """A fresh grid for one solve (``compress.quant.formats.IntFormat`` / ``FP4Format``): how
-        groups get their scales (``observer``: minmax or mse; integer scales are rounded to
+        """A fresh grid for one solve (``compress.quant.formats.IntFormat`` / ``FP4Format`` /
+        ``FP8Format``; w8a8-int8 weights use the 8-bit per-channel IntFormat): how groups get their scales (``observer``: minmax or mse; integer scales are rounded to
         ``scale_dtype``, the model dtype) and how a column is rounded."""
         return self._classes()[1].from_format(self, scale_dtype, observer)
 
     def pack(self, result, *, bias: torch.Tensor | None, dtype: torch.dtype, input_amax: torch.Tensor | None = None,
              observer: str | None = None, actorder: str | None = None) -> nn.Module:
-        """The packed module (QuantLinear, FP4Linear) holding a solve's ``result`` (a
+        """The packed module (QuantLinear, FP4Linear, W8A8Linear) holding a solve's ``result`` (a
         ``compress.quant.formats.QuantResult`` of one module's rows). ``input_amax``: the
-        calibration inputs' max |x|, required when ``act_quant`` and ignored otherwise;
+        calibration inputs' max |x|, required when ``static_activations`` and ignored otherwise;
         ``observer``/``actorder``: provenance for the checkpoint (FP4 config groups carry none)."""
         return self._classes()[0].from_result(self, result, bias=bias, dtype=dtype, input_amax=input_amax,
                                               observer=observer, actorder=actorder)
@@ -336,14 +424,27 @@ class WeightFormat:
     # --- compressed-tensors ---------------------------------------------------------------------
     @property
     def ct_format(self) -> str:
-        """The config group's ``format``: pack-quantized, nvfp4-pack-quantized, mxfp4-pack-quantized."""
+        """The config group's ``format``: pack-quantized, nvfp4-pack-quantized, mxfp4-pack-quantized,
+        float-quantized (FP8 W8A8), int-quantized (INT8 W8A8)."""
         if self.dense:
             raise ConfigError("bf16 has no compressed-tensors form: a dense layer is listed in 'ignore'")
-        return CT_FORMATS[self.kind]
+        return CT_INT_W8A8 if self.kind == "int" and self.w8a8 else CT_FORMATS[self.kind]
 
     def weights_args(self, observer: str | None = None, actorder: str | None = None) -> dict[str, Any]:
         """The config group's ``weights``, as compressed-tensors 0.20 serializes them. Integer groups
-        carry the provenance ``observer``/``actorder`` when given; the FP4 presets carry none."""
+        carry the provenance ``observer``/``actorder`` when given; the FP4 presets carry none.
+        W8A8: as compressed-tensors' presets FP8_DYNAMIC, FP8_BLOCK, FP8, INT8_W8A8 dump them
+        (``block_structure`` [128, 128] for the block scheme), with the provenance when given."""
+        if self.w8a8:
+            args = {"dynamic": False, "group_size": None, "num_bits": 8, "symmetric": True,
+                    "strategy": self.weight_strategy or "channel", "type": "float" if self.kind == "fp8" else "int"}
+            if self.weight_strategy == "block":
+                args["block_structure"] = [W8A8_BLOCK, W8A8_BLOCK]
+            if actorder is not None:
+                args["actorder"] = actorder
+            if observer is not None:
+                args["observer"] = observer
+            return args
         if self.kind == "int":
             # None-valued optional keys (block_structure, scale_dtype, zp_dtype, actorder) are left out,
             # which also keeps readers older than 0.13 (no scale_dtype/zp_dtype) able to validate it.
@@ -373,6 +474,13 @@ class WeightFormat:
         """The config group's ``input_activations`` (None: activations stay in the model dtype)."""
         if not self.act_quant:
             return None
+        if self.w8a8:
+            args = {"dynamic": self.act_strategy != "tensor",
+                    "group_size": W8A8_BLOCK if self.act_strategy == "group" else None, "num_bits": 8,
+                    "strategy": self.act_strategy, "symmetric": True, "type": "float" if self.kind == "fp8" else "int"}
+            if self.act_strategy == "tensor":
+                args["observer"] = "static_minmax"        # the calibration inputs' max |x|, as FP8's preset says
+            return args
         # NVFP4 W4A4: dynamic per-block local scales over a static global scale from calibration.
         return {"dynamic": "local", "group_size": self.group_size, "num_bits": 4, "observer": "static_minmax",
                 "scale_dtype": "torch.float8_e4m3fn", "strategy": "tensor_group", "symmetric": True,
@@ -385,11 +493,14 @@ class WeightFormat:
         ``input_activations``); CheckpointError naming ``where`` for what compress cannot run.
         Provenance (observer, actorder) is the caller's to read from ``weights``."""
         w = weights or {}
+        if ct_format in (CT_FORMATS["fp8"], CT_INT_W8A8):
+            return cls._from_w8a8_args(ct_format, w, input_activations, where)
         kind = next((k for k, f in CT_FORMATS.items() if f == ct_format), None)
         if kind is None or (kind == "int" and w.get("type", "int") != "int"):
             raise CheckpointError(f"{where} has format {ct_format!r} (weights type {w.get('type')!r}); compress "
-                                  f"runs {CT_FORMATS['int']!r} integer weights and "
-                                  f"{CT_FORMATS['nvfp4']}, {CT_FORMATS['mxfp4']}")
+                                  f"runs {CT_FORMATS['int']!r} integer weights, "
+                                  f"{CT_FORMATS['nvfp4']}, {CT_FORMATS['mxfp4']} and the W8A8 "
+                                  f"{CT_FORMATS['fp8']}, {CT_INT_W8A8} schemes ({', '.join(W8A8_SCHEMES)})")
         if kind == "int":
             if input_activations:
                 raise CheckpointError(f"{where} quantizes activations, which compress does not run yet; load "
@@ -419,3 +530,33 @@ class WeightFormat:
                 return w4a4
         raise CheckpointError(f"{where}: activations quantized as {input_activations}; compress simulates NVFP4 "
                               f"W4A4 (dynamic 'local' {BLOCK['nvfp4']}-blocks) only; load this checkpoint with vLLM")
+
+    @classmethod
+    def _from_w8a8_args(cls, ct_format: str, w: dict[str, Any], input_activations: dict[str, Any] | None,
+                        where: str) -> WeightFormat:
+        """The W8A8 scheme whose ``weights_args``/``input_args`` the group's match, key by key (the
+        keys vLLM and compressed-tensors act on); CheckpointError naming ``where`` otherwise."""
+        kind = "fp8" if ct_format == CT_FORMATS["fp8"] else "int"
+        keys = ("num_bits", "type", "strategy", "symmetric", "dynamic", "group_size", "block_structure")
+
+        def same(got: dict[str, Any] | None, want: dict[str, Any] | None) -> bool:
+            if not got or not want:
+                return not got and not want
+            return all(_ct_value(got, k) == _ct_value(want, k) for k in keys)
+
+        for scheme, (scheme_kind, _, _) in _W8A8_SCHEMES.items():
+            fmt = cls.from_scheme(scheme)
+            if scheme_kind == kind and same(w, fmt.weights_args()) and same(input_activations, fmt.input_args()):
+                return fmt
+        ours = ", ".join(s for s, (k, _, _) in _W8A8_SCHEMES.items() if k == kind)
+        what = "weight-only (16-bit activations)" if not input_activations else f"activations {input_activations}"
+        raise CheckpointError(f"{where}: format {ct_format!r} with weights {w} and {what} is not a W8A8 variant "
+                              f"compress runs ({ours}: compressed-tensors' FP8_DYNAMIC, FP8_BLOCK, FP8 and W8A8 "
+                              f"presets); load this checkpoint with vLLM")
+
+
+def _ct_value(args: dict[str, Any], key: str) -> Any:
+    """A compressed-tensors argument as it means: absent keys at their defaults, lists as lists."""
+    default = {"symmetric": True, "dynamic": False}.get(key)
+    value = args.get(key, default)
+    return list(value) if isinstance(value, (list, tuple)) else value

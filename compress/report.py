@@ -53,7 +53,9 @@ def summarize(model: nn.Module) -> dict:
         if name.endswith(".weight_shape") or not _is_persistent(model, name):
             continue
         total_bytes += _tensor_bytes(t)
-        if t.is_floating_point() and not name.endswith((".weight_scale", "_global_scale")):
+        # float8 tensors are W8A8 codes, counted with their packed module below
+        if (t.is_floating_point() and t.dtype != torch.float8_e4m3fn
+                and not name.endswith((".weight_scale", "_global_scale", ".input_scale"))):
             params += t.numel()
     _, layers = find_decoder_layers(model)
     zeros = weights = 0

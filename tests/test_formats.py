@@ -15,7 +15,7 @@ from compress.errors import CheckpointError, ConfigError
 from compress.formats import SPELLINGS, WeightFormat, register_kind
 from compress.pruning.config import SparseGPTConfig
 from compress.quant.config import GPTQConfig, RTNConfig
-from compress.quant.formats import FP4Format, IntFormat
+from compress.quant.formats import FP4Format, FP8Format, IntFormat
 from compress.quant.fp4 import nvfp4_global_scale
 from compress.quant.fp4_linear import FP4Linear
 from compress.quant.linear import QuantLinear
@@ -36,11 +36,19 @@ CANONICAL = [
     ("nvfp4a16", "nvfp4", 4, 16, True, False, False),
     ("nvfp4", "nvfp4", 4, 16, True, True, False),
     ("mxfp4", "mxfp4", 4, 32, True, False, False),
+    ("fp8", "fp8", 8, None, True, True, False),
+    ("fp8-block", "fp8", 8, 128, True, True, False),
+    ("fp8-static", "fp8", 8, None, True, True, False),
+    ("w8a8-int8", "int", 8, None, True, True, False),
+    ("w8a8-int8-static", "int", 8, None, True, True, False),
 ]
+# The W8A8 rows: (spelling, weight_strategy, act_strategy).
+W8A8 = [("fp8", "channel", "token"), ("fp8-block", "block", "group"), ("fp8-static", "tensor", "tensor"),
+        ("w8a8-int8", None, "token"), ("w8a8-int8-static", None, "tensor")]
 # Other spellings that read as a canonical one.
 ALIASES = [("dense", "bf16"), ("FP16", "bf16"), ("float", "bf16"), (" INT4-G64 ", "int4-g64"),
            ("uint4-g64", "int4-g64-asym"), ("uint8", "int8-asym"), ("uint4-g64-asym", "int4-g64-asym"),
-           ("NVFP4A16", "nvfp4a16")]
+           ("NVFP4A16", "nvfp4a16"), ("FP8-Block", "fp8-block"), (" W8A8-INT8 ", "w8a8-int8")]
 QUANTIZED = [c[0] for c in CANONICAL if c[0] != "bf16"]
 # Formats whose compressed-tensors arguments round-trip (compressed-tensors records no partial groups).
 CT_FORMATS = [s for s in QUANTIZED if not s.endswith("-partial")]
@@ -55,6 +63,8 @@ def test_every_spelling_parses_to_its_fields_and_prints_back(spelling, kind, bit
     assert WeightFormat.parse(str(fmt)) == fmt
     assert eval(repr(fmt), {"WeightFormat": WeightFormat}) == fmt
     assert hash(fmt) == hash(WeightFormat(**dataclasses.asdict(fmt)))      # a value: hashable, rebuilt from JSON
+    assert (fmt.weight_strategy, fmt.act_strategy) == next(((w, a) for s, w, a in W8A8 if s == spelling), (None, None))
+    assert fmt.w8a8 == any(s == spelling for s, _, _ in W8A8)
 
 
 @pytest.mark.parametrize("alias,canonical", ALIASES)
@@ -68,7 +78,7 @@ def test_formats_differ_by_every_field():
 
 
 @pytest.mark.parametrize("bad", ["int9", "int1-g64", "int4-g0", "fp3", "int4-asymm", "", "int4-partial",
-                                 "nvfp4-g16", "w8a8-int8", "fp8", "int4-g-64"])
+                                 "nvfp4-g16", "w8a8-int4", "fp8-g128", "int8-w8a8", "fp8-dynamic", "int4-g-64"])
 def test_bad_spellings_name_the_string_and_the_valid_spellings(bad):
     with pytest.raises(ConfigError) as exc:
         WeightFormat.parse(bad)
@@ -79,10 +89,16 @@ def test_bad_spellings_name_the_string_and_the_valid_spellings(bad):
     (dict(kind="int", bits=9), "bits must be between 2 and 8"),
     (dict(kind="int", bits=4, group_size=-1), "group_size must be a positive integer"),
     (dict(kind="int", bits=4, partial_groups=True), "partial_groups needs a group_size"),
-    (dict(kind="int", bits=8, act_quant=True), "not implemented"),
+    (dict(kind="int", bits=8, act_quant=True), "not a W8A8 format compress runs"),      # no act_strategy
+    (dict(kind="int", bits=4, act_quant=True, act_strategy="token"), "not a W8A8 format"),
+    (dict(kind="fp8", bits=8, act_quant=True, weight_strategy="channel", act_strategy="group"), "use one of fp8,"),
+    (dict(kind="fp8", bits=8, group_size=64, act_quant=True, weight_strategy="block", act_strategy="group"),
+     "not a W8A8 format"),
+    (dict(kind="nvfp4", bits=4, group_size=16, act_quant=True, act_strategy="token"), "not a W8A8 format"),
     (dict(kind="nvfp4", bits=4, group_size=32), "blocks of 16"),
     (dict(kind="mxfp4", bits=4, group_size=32, act_quant=True), "not implemented"),
-    (dict(kind="fp8", bits=8), "kind must be one of"),
+    (dict(kind="fp8", bits=8), "not a W8A8 format"),                  # FP8 weight-only (W8A16) is not one
+    (dict(kind="fp4", bits=4), "kind must be one of"),
     (dict(kind="dense", bits=8), "dense format is 16-bit"),
 ])
 def test_impossible_fields_are_refused(fields, match):
@@ -101,6 +117,11 @@ def test_impossible_fields_are_refused(fields, match):
     (RTNConfig(scheme="nvfp4a16"), "nvfp4a16"),                          # group_size 128 does not apply
     (GPTQConfig(scheme="nvfp4", partial_groups=True), "nvfp4"),
     (RTNConfig(scheme="mxfp4"), "mxfp4"),
+    (RTNConfig(scheme="fp8"), "fp8"),                                    # bits 4 and group_size 128: defaults
+    (GPTQConfig(scheme="fp8-block", bits=8, group_size=128), "fp8-block"),
+    (RTNConfig(scheme="fp8-static", group_size=None), "fp8-static"),
+    (GPTQConfig(scheme="w8a8-int8", bits=8, group_size=None), "w8a8-int8"),
+    (RTNConfig(scheme="w8a8-int8-static"), "w8a8-int8-static"),
     (SparseGPTConfig(bits=4, group_size=64), "int4-g64"),
 ])
 def test_configs_give_the_format_their_fields_name(cfg, spelling):
@@ -175,7 +196,7 @@ def test_check_shape_is_what_quantize_refuses():
 def test_solver_grid_and_pack_give_a_module_of_the_format(spelling):
     fmt = WeightFormat.parse(spelling)
     grid = fmt.solver_grid(torch.float32, "mse")
-    assert isinstance(grid, IntFormat if fmt.kind == "int" else FP4Format)
+    assert isinstance(grid, {"int": IntFormat, "fp8": FP8Format}.get(fmt.kind, FP4Format))
     assert (grid.group_size, grid.symmetric, grid.observer) == (fmt.group_size, fmt.symmetric, "mse")
     cols = 288 if fmt.partial_groups else 256                              # 288 = 2 x 128 + 32
     w = torch.randn(24, cols, generator=torch.Generator().manual_seed(0))
@@ -186,8 +207,13 @@ def test_solver_grid_and_pack_give_a_module_of_the_format(spelling):
     assert isinstance(module, fmt.packed_class)
     assert torch.equal(module.dequantize(), result.weight)                 # the solve's weights, bit for bit
     assert torch.equal(module.bias, bias)
-    if fmt.act_quant:                                                      # W4A4: the input scale from amax
+    if fmt.kind == "nvfp4" and fmt.act_quant:                              # W4A4: the input scale from amax
         assert torch.equal(module.input_global_scale, nvfp4_global_scale(torch.tensor(3.0)).reshape(1))
+    if fmt.w8a8:                                                           # static: amax / 448 or / 127
+        static = fmt.act_strategy == "tensor"
+        assert (module.input_scale is not None) == static
+        if static:
+            assert torch.equal(module.input_scale, torch.tensor([3.0 / (448 if fmt.kind == "fp8" else 127)]))
     assert WeightFormat.of_module(module) == fmt
     assert not torch.equal(module.dequantize(), w)                         # negative control: it is quantized
 
@@ -275,7 +301,8 @@ def test_compressed_tensors_arguments_round_trip(spelling):
     # The group the export writes parses back to the same format, with its provenance.
     module = fmt.empty_module(64, 8, dtype=torch.float32, device="cpu", observer="mse", actorder="static")
     groups, ignore = parse_config(quantization_config(_model(proj=module)), "config.json")
-    assert groups == [(["Linear"], fmt, {"observer": "mse", "actorder": "static"} if fmt.kind == "int" else {})]
+    provenance = {"observer": "mse", "actorder": "static"} if fmt.kind == "int" or fmt.w8a8 else {}
+    assert groups == [(["Linear"], fmt, provenance)]
     assert ignore == []
 
 
@@ -289,8 +316,22 @@ def test_compressed_tensors_arguments_of_each_kind():
     assert "observer" not in WeightFormat.parse("mxfp4").weights_args(observer="mse")   # FP4 presets carry none
     assert WeightFormat.parse("nvfp4").input_args()["dynamic"] == "local"
     assert WeightFormat.parse("nvfp4a16").input_args() is None
-    assert [WeightFormat.parse(s).ct_format for s in ("int4", "nvfp4", "mxfp4")] == \
-        ["pack-quantized", "nvfp4-pack-quantized", "mxfp4-pack-quantized"]
+    assert [WeightFormat.parse(s).ct_format for s in ("int4", "nvfp4", "mxfp4", "fp8-block", "w8a8-int8", "int8")] == \
+        ["pack-quantized", "nvfp4-pack-quantized", "mxfp4-pack-quantized", "float-quantized", "int-quantized",
+         "pack-quantized"]
+
+
+@pytest.mark.parametrize("spelling,preset", [("fp8", "FP8_DYNAMIC"), ("fp8-block", "FP8_BLOCK"), ("fp8-static", "FP8"),
+                                             ("w8a8-int8", "W8A8")])
+def test_w8a8_arguments_are_the_compressed_tensors_presets(spelling, preset):
+    from compressed_tensors.quantization import QuantizationArgs, preset_name_to_scheme
+    scheme = preset_name_to_scheme(preset, ["Linear"])
+    fmt = WeightFormat.parse(spelling)
+    assert QuantizationArgs.model_validate(fmt.weights_args()) == scheme.weights
+    assert QuantizationArgs.model_validate(fmt.input_args()) == scheme.input_activations
+    # Negative control: the presets differ from each other where the formats do.
+    assert QuantizationArgs.model_validate(WeightFormat.parse("fp8").weights_args()) != \
+        preset_name_to_scheme("FP8", ["Linear"]).weights
 
 
 def test_layers_with_and_without_a_partial_group_share_a_config_group():
@@ -303,7 +344,15 @@ def test_layers_with_and_without_a_partial_group_share_a_config_group():
 
 
 @pytest.mark.parametrize("ct_format,weights,inputs,match", [
-    ("float-quantized", {"type": "float"}, None, "has format 'float-quantized'"),
+    ("float-quantized", {"type": "float"}, None, "not a W8A8 variant compress runs.*load this checkpoint with vLLM"),
+    ("float-quantized", WeightFormat.parse("fp8").weights_args(), None, "weight-only"),             # FP8 W8A16
+    ("float-quantized", WeightFormat.parse("fp8-static").weights_args(), WeightFormat.parse("fp8").input_args(),
+     "not a W8A8 variant"),                                  # per-tensor weights, per-token activations
+    ("int-quantized", WeightFormat.parse("w8a8-int8").weights_args(),
+     {**WeightFormat.parse("w8a8-int8").input_args(), "symmetric": False}, "not a W8A8 variant"),
+    ("int-quantized", WeightFormat.parse("fp8").weights_args(), WeightFormat.parse("fp8").input_args(),
+     "not a W8A8 variant"),                                  # float weights under the int format
+    ("fp8-quantized", WeightFormat.parse("fp8").weights_args(), None, "has format 'fp8-quantized'"),
     ("pack-quantized", {"num_bits": 4, "type": "int", "strategy": "block"}, None, "weight strategy 'block'"),
     ("pack-quantized", {"num_bits": 4, "type": "int", "strategy": "group"}, {"num_bits": 8}, "quantizes activations"),
     ("pack-quantized", {"num_bits": 12, "type": "int", "strategy": "channel"}, None, "bits must be between 2 and 8"),

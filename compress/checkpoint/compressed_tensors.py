@@ -10,6 +10,31 @@ targeted Linear that stayed dense. Tensors per quantized module: ``weight_packed
 A config group's ``format``, ``weights`` and ``input_activations`` are a ``WeightFormat``'s
 (``ct_format``, ``weights_args()``, ``input_args()``); reading a group back gives a WeightFormat
 (``WeightFormat.from_ct_args``), whose ``empty_module`` is what the checkpoint's tensors load into.
+
+W8A8 (FP8 / INT8 weights and activations; docs/checkpoint-format.md, "W8A8 FP8/INT8"): groups of
+format ``float-quantized`` (fp8, fp8-block, fp8-static) or ``int-quantized`` (w8a8-int8,
+w8a8-int8-static), tensors ``weight`` (float8_e4m3fn / int8, (out, in)), ``weight_scale`` (model
+dtype; (out, 1), (1,) or (ceil(out/128), ceil(in/128))) and, static activations only,
+``input_scale`` ((1,), model dtype). Shaped as vLLM's compressed-tensors schemes read them (vLLM
+sources read, paths in vllm-project/vllm):
+
+- ``vllm/model_executor/layers/quantization/compressed_tensors/compressed_tensors.py``: picks the
+  scheme from a group's ``weights`` / ``input_activations``: ``_is_fp8_w8a8`` (float weights and
+  activations, symmetric static weights with strategy tensor, channel or block; activations dynamic,
+  or static per tensor), ``_is_dynamic_token_w8a8`` / ``_is_static_tensor_w8a8`` for int (8 bits,
+  weights tensor or channel, symmetric; activations per token dynamic or per tensor static);
+- ``.../compressed_tensors/schemes/compressed_tensors_w8a8_fp8.py`` (``CompressedTensorsW8A8Fp8``):
+  creates ``weight`` float8_e4m3fn (out, in), ``weight_scale`` float32 (out, 1) per channel, one per
+  fused shard per tensor (then requantized to their max), (ceil(out/128), ceil(in/128)) per block,
+  and ``input_scale`` (one per shard, their max used) when static; our model-dtype scales are cast
+  to float32 on load. Block layers go through ``validate_fp8_block_shape``
+  (``.../layers/quantization/utils/fp8_utils.py``): in a fused layer (q/k/v, gate/up) every shard
+  but the last must have out_features divisible by 128, and under tensor parallelism each shard of
+  in_features too; compressed-tensors' ``initialize_qparams`` notes that vLLM's block kernels need
+  in_features divisible by 128. Hence the export warning naming such layers;
+- ``.../compressed_tensors/schemes/compressed_tensors_w8a8_int8.py`` (``CompressedTensorsW8A8Int8``):
+  int8 ``weight`` (out, in), ``weight_scale`` float32 (out, 1) per channel, ``input_scale`` (1,)
+  (its max) when static, ``input_zero_point`` only for asymmetric activations (we write symmetric).
 """
 
 from __future__ import annotations
@@ -146,7 +171,7 @@ def _match(name: str, module: nn.Module, patterns: list[str]) -> bool:
 def parse_config(qc: dict[str, Any], where: str
                  ) -> tuple[list[tuple[list[str], WeightFormat, dict[str, str | None]]], list[str]]:
     """(targets, format, provenance) per config group, and the ignore list; refuses what we cannot
-    run. Provenance is the ``observer``/``actorder`` an integer group records (FP4 groups: none)."""
+    run. Provenance is the ``observer``/``actorder`` an integer or W8A8 group records (FP4: none)."""
     if qc.get("quant_method") != QUANT_METHOD:
         raise CheckpointError(f"{where}: quant_method {qc.get('quant_method')!r} is not {QUANT_METHOD!r}")
     groups = []
@@ -158,7 +183,8 @@ def parse_config(qc: dict[str, Any], where: str
         w = group.get("weights") or {}
         fmt = WeightFormat.from_ct_args(group.get("format") or qc.get("format"), w,
                                         group.get("input_activations"), at)
-        provenance = {"observer": w.get("observer"), "actorder": w.get("actorder")} if fmt.kind == "int" else {}
+        provenance = ({"observer": w.get("observer"), "actorder": w.get("actorder")}
+                      if fmt.kind == "int" or fmt.w8a8 else {})
         groups.append((list(group.get("targets") or []), fmt, provenance))
     if not groups and not qc.get("kv_cache_scheme"):
         raise CheckpointError(f"{where}: quantization_config has no config_groups and no kv_cache_scheme")
@@ -166,7 +192,7 @@ def parse_config(qc: dict[str, Any], where: str
 
 
 def install_quant_linears(model: nn.Module, qc: dict[str, Any], where: str) -> int:
-    """Replace each Linear the config quantizes by an empty packed layer (QuantLinear or FP4Linear,
+    """Replace each Linear the config quantizes by an empty packed layer (QuantLinear, FP4Linear or W8A8Linear,
     on the Linear's device, usually meta) ready for ``load_state_dict(assign=True)``. Returns how
     many were replaced."""
     groups, ignore = parse_config(qc, where)

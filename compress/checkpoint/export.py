@@ -23,7 +23,9 @@ from ..errors import CheckpointError
 from ..moe import to_checkpoint_name
 from ..quant.grid import num_groups
 from ..quant.linear import QuantLinear
+from ..modeling import fused_groups
 from ..quant.packed import PackedLinear
+from ..quant.w8a8_linear import W8A8Linear
 from ..structure import prepare_model
 from ..version import __version__
 from .adapter import CONFIG_KEY as ADAPTER_KEY
@@ -101,6 +103,7 @@ def _export(model: nn.Module, tokenizer, path, overwrite: bool, max_shard_bytes:
     _check_destination(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     _warn_partial_groups(model)
+    _warn_fp8_blocks(model)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         model_type = getattr(model.config, "model_type", "")
@@ -176,3 +179,26 @@ def _warn_partial_groups(model: nn.Module) -> None:
         log.warning("%d layers (e.g. %s: in_features %d, group_size %d, %d groups) end in a partial group: "
                     "compress loads this checkpoint; compressed-tensors 0.20 / transformers refuse it",
                     len(partial), partial[0], m.in_features, m.group_size, num_groups(m.in_features, m.group_size))
+
+
+def _warn_fp8_blocks(model: nn.Module) -> None:
+    """fp8-block layers vLLM refuses or may refuse (compress and transformers load them): in_features
+    not a multiple of 128 (compressed-tensors notes vLLM's block kernels need it; tensor parallelism
+    checks it), and a fused q/k/v or gate/up shard other than the last whose out_features is not a
+    multiple of 128 (vLLM's ``validate_fp8_block_shape`` raises). See compressed_tensors.py."""
+    blocks = [n for n, m in model.named_modules() if isinstance(m, W8A8Linear) and m.block]
+    if not blocks:
+        return
+    narrow = [n for n in blocks if model.get_submodule(n).in_features % 128]
+    fused_rows = [n for group in fused_groups(blocks) for n in group[:-1]
+                  if len(group) > 1 and model.get_submodule(n).out_features % 128]
+    if narrow:
+        log.warning("%d fp8-block layers have in_features not a multiple of 128 (%s, ...: %d): their last "
+                    "block is narrower; compress and transformers load this checkpoint, vLLM's block FP8 "
+                    "kernels need in_features divisible by 128. Ignore those layers or use scheme fp8 for vLLM",
+                    len(narrow), ", ".join(narrow[:3]), model.get_submodule(narrow[0]).in_features)
+    if fused_rows:
+        log.warning("%d fp8-block layers are fused in vLLM (q/k/v, gate/up) with out_features not a multiple "
+                    "of 128 (%s, ...: %d): vLLM refuses them (validate_fp8_block_shape); compress and "
+                    "transformers load this checkpoint. Use scheme fp8 for vLLM", len(fused_rows),
+                    ", ".join(fused_rows[:3]), model.get_submodule(fused_rows[0]).out_features)

@@ -52,12 +52,16 @@ def inspect_checkpoint(path: str | Path) -> dict:
     sparse = (config.get("compress_sparsity") or {}).get("modules") or {}
     packed = {k[: -len(".weight_packed")]: v for k, v in tensors.items()
               if k.endswith(".weight_packed") and k[: -len(".weight_packed")] not in sparse}
+    w8a8 = _w8a8_modules(tensors)
+    packed.update(w8a8)
     params = 0
     for key, v in tensors.items():
         if key.endswith((".weight_scale", ".weight_zero_point", ".weight_shape", ".weight_packed",
                          ".weight_global_scale", ".input_global_scale", ".weight_g_idx", ".k_scale", ".v_scale",
-                         ".weight_values", ".weight_meta")):
+                         ".weight_values", ".weight_meta", ".input_scale")):
             continue
+        if key.endswith(".weight") and key[: -len(".weight")] in w8a8:
+            continue                   # counted with the quantized modules below
         params += math.prod(v["shape"])
     quant_params = 0
     partial = 0
@@ -69,8 +73,9 @@ def inspect_checkpoint(path: str | Path) -> dict:
             "bits": w.get("num_bits"), "type": w.get("type"), "strategy": w.get("strategy"),
             "group_size": w.get("group_size"), "symmetric": w.get("symmetric"), "scale_dtype": w.get("scale_dtype"),
             "actorder": w.get("actorder"), "observer": w.get("observer"),
-            "activations": f"{a.get('type')}{a.get('num_bits')} dynamic={a.get('dynamic')}" if a else None})
-    shapes = _weight_shapes(files, tensors)
+            "activations": f"{a.get('type')}{a.get('num_bits')} {a.get('strategy')} dynamic={a.get('dynamic')}"
+            if a else None})
+    shapes = {**_weight_shapes(files, tensors), **{m: tuple(v["shape"]) for m, v in w8a8.items()}}
     for s in info["schemes"]:
         s.update(modules=0, parameters=0, bytes=0, module_names=[])
     for module in packed:
@@ -111,9 +116,20 @@ def inspect_checkpoint(path: str | Path) -> dict:
 
 
 def _packed_bytes(module: str, tensors: dict[str, dict]) -> int:
-    """Bytes of a packed module's codes, scales and zero points."""
+    """Bytes of a packed module's codes, scales and zero points (W8A8: its unpacked codes ``weight``)."""
+    parts = ("weight_packed", "weight_scale", "weight_zero_point")
+    if f"{module}.weight_packed" not in tensors:
+        parts += ("weight",)
     return sum(math.prod(tensors[f"{module}.{s}"]["shape"]) * _width(tensors[f"{module}.{s}"]["dtype"])
-               for s in ("weight_packed", "weight_scale", "weight_zero_point") if f"{module}.{s}" in tensors)
+               for s in parts if f"{module}.{s}" in tensors)
+
+
+def _w8a8_modules(tensors: dict[str, dict]) -> dict[str, dict]:
+    """module -> header of its ``weight``, for the W8A8 modules: float8 or int8 ``weight`` codes
+    beside a ``weight_scale`` (float-quantized / int-quantized), dense (out, in)."""
+    return {k[: -len(".weight")]: v for k, v in tensors.items()
+            if k.endswith(".weight") and v["dtype"] in ("F8_E4M3", "I8")
+            and f"{k[: -len('.weight')]}.weight_scale" in tensors}
 
 
 def _weight_shapes(files, tensors: dict[str, dict]) -> dict[str, tuple[int, int]]:
@@ -186,7 +202,10 @@ def format_inspection(info: dict) -> str:
              f"{info['quantized_modules']} modules)"]
     mixed = len(info["schemes"]) > 1
     for s in info["schemes"]:
-        if s["type"] == "float":
+        if s["format"] in ("float-quantized", "int-quantized"):
+            what = (f"{s['format']}: {s['type']}{s['bits']} weights per {s['strategy']}, "
+                    f"activations {s['activations']} (W8A8), observer={s['observer']}")
+        elif s["type"] == "float":
             acts = f", activations {s['activations']} (W4A4)" if s["activations"] else ", 16-bit activations"
             what = (f"{s['format']}: float4 e2m1, block {s['group_size']}, "
                     f"{(s['scale_dtype'] or '').removeprefix('torch.')} scales{acts}")

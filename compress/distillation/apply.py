@@ -33,6 +33,7 @@ from ..quant.fp4_linear import FP4Linear
 from ..quant.grid import quantize
 from ..quant.linear import QuantLinear
 from ..quant.packed import PackedLinear
+from ..quant.w8a8_linear import W8A8Linear
 from ..quant.rtn import rtn_solve
 from .config import DistillConfig
 from .losses import forward_kl, hidden_mse, reverse_kl, topk_kl
@@ -222,6 +223,8 @@ def _requantized(base: PackedLinear, weight: torch.Tensor) -> PackedLinear:
         new = FP4Linear.from_codes(r.codes, r.scale, r.global_scale, scheme=base.scheme, bias=bias, dtype=base.dtype,
                                    input_global_scale=getattr(base, "input_global_scale", None),
                                    observer=base.observer)
+    elif isinstance(base, W8A8Linear):              # fresh weight scales; the static input scale is kept
+        return base.requantized(weight)
     else:
         raise ConfigError(f"cannot requantize a {type(base).__name__}; use quantized: correction")
     new.backend = getattr(base, "backend", "auto")

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from .dequant_linear import resolve_backend
+
 ACT_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
 ACT_STRATEGIES = ("token", "group", "tensor")
 FP8_MAX = 448.0
@@ -73,6 +75,21 @@ def quantize_activations_reference(x: torch.Tensor, kind: str, strategy: str, *,
     scale = scale_from_amax(xg.abs().amax(dim=-1), kind)                                     # (M, G)
     codes = _round(xg / scale.unsqueeze(-1), kind).view(m, groups * group_size)[:, :k]
     return codes.contiguous(), scale
+
+
+def quantize_activations(x: torch.Tensor, kind: str, strategy: str, *, group_size: int = 128,
+                         static_scale: torch.Tensor | None = None, backend: str = "auto"
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dispatch: ``torch`` is the reference; ``auto`` runs the fused Triton kernel on a CUDA GPU;
+    ``triton`` always (the interpreter on the CPU), with the reason when it cannot. Either way the
+    result is bit for bit the reference's. ``x`` (M, K)."""
+    _check(kind, strategy)
+    if group_size < 1:
+        raise ValueError(f"activation group_size must be positive, got {group_size}")
+    if resolve_backend(backend, x, 8) == "torch":
+        return quantize_activations_reference(x, kind, strategy, group_size=group_size, static_scale=static_scale)
+    from . import act_quant_triton as tk
+    return tk.quantize_activations(x, kind, strategy, group_size=group_size, static_scale=static_scale)
 
 
 def dequantize_activations(codes: torch.Tensor, scale: torch.Tensor, strategy: str, *, group_size: int = 128,

@@ -205,7 +205,8 @@ def format_plan(plan: Plan, inputs: PlanInputs, baselines: list[Plan] = ()) -> s
              f"{'memory':<18}{_mib(t.memory_bytes):>18}{_mib(plan.memory_used):>18}   ({mem_what})",
              f"{'decode tok/s/seq':<18}{(f'{t.decode_tokens_per_s:g}' if t.decode_tokens_per_s else '-'):>18}"
              f"{p.decode_tokens_per_s:>18,.1f}   (batch {p.batch}, context {p.context})",
-             f"{'prefill tok/s':<18}{'-':>18}{p.prefill_tokens_per_s:>18,.0f}",
+             f"{'prefill tok/s':<18}{(f'{t.prefill_tokens_per_s:g}' if t.prefill_tokens_per_s else '-'):>18}"
+             f"{p.prefill_tokens_per_s:>18,.0f}",
              f"{'quality':<18}{'-':>18}{'+%.4f nats' % plan.dloss:>18}   (perplexity x{plan.predicted_ppl_ratio:.3f}"
              f" predicted, from per-layer sensitivity)",
              f"{'checkpoint':<18}{'':>18}{_mib(p.checkpoint_bytes):>18}   ({p.checkpoint_bytes:,} bytes)",
@@ -251,6 +252,9 @@ def add_plan_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--memory-gb", type=float, help="memory budget in GB (1e9 bytes)")
     p.add_argument("--memory-mib", type=float, help="memory budget in MiB (2^20 bytes)")
     p.add_argument("--decode-tokens-per-s", type=float, help="decode speed target, new tokens/s per sequence")
+    p.add_argument("--prefill-tokens-per-s", type=float,
+                   help="prefill speed target, prompt tokens/s over the batch x context prefill (instead of a decode "
+                        "target); on devices with native FP8 / INT8 math this is where W8A8 formats pay")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     p.add_argument("--context", type=int, default=None,
                    help="tokens in the KV cache; with it the memory budget covers weights + KV cache + working "
@@ -285,7 +289,7 @@ def run_plan(args) -> int:
         raise ConfigError("give the memory budget once: --memory-gb or --memory-mib")
     memory = (int(args.memory_gb * 1e9) if args.memory_gb is not None else
               int(args.memory_mib * 2**20) if args.memory_mib is not None else None)
-    target = Target(memory, args.decode_tokens_per_s, args.batch, args.context)
+    target = Target(memory, args.decode_tokens_per_s, args.batch, args.context, args.prefill_tokens_per_s)
     plan, inputs = plan_model(args.model, target, device=args.device, calib_data=args.calib,
                               calib_samples=args.calib_samples, seqlen=args.seqlen, seed=args.seed,
                               formats=_split(args.formats), kv_options=_split(args.kv_options), solver=args.solver,

@@ -289,10 +289,12 @@ class Prediction:
 
 
 def _throughput(profile: DeviceProfile, fmt: WeightFormat) -> float:
-    """FLOP/s of the math a linear in ``fmt`` runs: native FP4 W4A4 on devices that have it, bf16
-    otherwise (weight-only formats are dequantized to bf16 inside our kernels)."""
+    """FLOP/s of the math a linear in ``fmt`` runs: native FP4 W4A4, FP8 or INT8 W8A8 on devices
+    that have it, bf16 otherwise (weight-only formats are dequantized to bf16 inside our kernels)."""
     if fmt.act_quant and fmt.kind in profile.native_formats and "fp4" in profile.tflops:
         return profile.tflops["fp4"] * 1e12
+    if fmt.w8a8 and fmt.family in profile.native_formats and fmt.family in profile.tflops:
+        return profile.tflops[fmt.family] * 1e12
     return (profile.tflops.get("bf16") or profile.tflops.get("fp32")) * 1e12
 
 
@@ -300,11 +302,27 @@ def kernel_seconds(profile: DeviceProfile, phase: str, family: str, nbytes: floa
                    math_rate: float | None = None, launches: int = 1) -> float:
     """Roofline time of a kernel divided by the profile's efficiency, plus its launches.
     ``math_rate``: FLOP/s of its math (default bf16, or fp32 where bf16 is absent)."""
-    eff = profile.efficiency[phase][family]
+    eff = efficiency(profile.efficiency[phase], family)
     if math_rate is None:
         math_rate = (profile.tflops.get("bf16") or profile.tflops.get("fp32")) * 1e12
     return (max(nbytes / (profile.bandwidth_gbs * 1e9), flops / math_rate) / eff
             + launches * profile.overhead_us * 1e-6)
+
+
+# Kernel families a profile's efficiency table may lack, and the entry they read instead: the W8A8
+# GEMMs (torch._scaled_mm, torch._int_mm) are vendor GEMMs like bf16's, not our dequantizing kernels.
+EFFICIENCY_FALLBACK = {"fp8": "bf16", "int8": "bf16"}
+
+
+def efficiency(table: dict[str, float], family: str) -> float:
+    """``table[family]``, or its EFFICIENCY_FALLBACK entry where the profile has none (the shipped
+    profiles list bf16, int, fp4, sparse24 and attention)."""
+    return table[family] if family in table else table[EFFICIENCY_FALLBACK.get(family, "bf16")]
+
+
+def efficiency_family(table: dict[str, float], family: str) -> str:
+    """The key of ``table`` that ``efficiency`` reads for ``family`` (what a calibration refits)."""
+    return family if family in table else EFFICIENCY_FALLBACK.get(family, "bf16")
 
 
 def kernel_key(fmt: WeightFormat) -> str:
@@ -316,7 +334,10 @@ def kernel_key(fmt: WeightFormat) -> str:
 
 def has_kernel(profile: DeviceProfile, fmt: WeightFormat) -> bool:
     """Whether ``fmt`` runs a fused kernel on ``profile`` (else the reference path: dequantize the
-    whole weight to bf16, then a dense matmul)."""
+    whole weight to bf16, then a dense matmul). W8A8 runs the native FP8 / INT8 GEMM where the
+    device has that math."""
+    if fmt.w8a8:
+        return fmt.family in profile.native_formats
     return fmt.dense or kernel_key(fmt) in profile.kernel_formats
 
 

@@ -1,11 +1,13 @@
 """The planner: per-unit weight formats (and a KV-cache format) that minimise the predicted loss
-increase subject to a memory budget and a decode-speed target on a device.
+increase subject to a memory budget and a speed target (decode or prefill) on a device.
 
 Each unit (``cost.Unit``) takes one of its candidate formats; a choice costs bytes, decode seconds
 and predicted loss (``sensitivity``). Minimising the summed loss under a byte budget is a
 multiple-choice knapsack, solved exactly by dynamic programming over bytes counted in bins (every
 option's bytes are rounded *up* to a bin, so a plan the DP accepts fits the exact budget; the bin
-is budget / ``BINS``). A speed target is a second budget (seconds per decode step), handled by a
+is budget / ``BINS``). A speed target is a second budget (seconds per decode step, or seconds per
+prefill of batch x context tokens: the target that makes native FP8 / INT8 W8A8 GEMMs worth their
+activation rounding on devices that have them), handled by a
 Lagrange multiplier: the DP minimises loss + mu * seconds, and mu is bisected to the smallest value
 whose plan meets the target. With a context length the KV-cache format is chosen too: the search
 runs once per KV option (its bytes, seconds and loss are fixed costs) and keeps the best.
@@ -38,6 +40,8 @@ SLACK_BYTES = 1024
 # Formats the planner considers when the user names none (each filtered by what fits the layer).
 DEFAULT_FORMATS = ("bf16", "int8", "int4-g64", "int4-g64-asym", "int4-g128", "int3-g64-asym", "int3-g128-asym",
                    "int2-g64-asym", "nvfp4a16")
+# Added where the device runs their math natively (FP8: sm_89+; INT8: Ampere and later); data-free.
+W8A8_FORMATS = ("fp8", "w8a8-int8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,15 +54,35 @@ class Target:
     decode_tokens_per_s: float | None = None
     batch: int = 1
     context: int | None = None
+    prefill_tokens_per_s: float | None = None      # prompt tokens/s over the whole batch x context prefill
 
     def __post_init__(self):
         if self.memory_bytes is not None and self.memory_bytes <= 0:
             raise ConfigError(f"the memory budget must be positive, got {self.memory_bytes} bytes")
         if self.decode_tokens_per_s is not None and self.decode_tokens_per_s <= 0:
             raise ConfigError(f"--decode-tokens-per-s must be positive, got {self.decode_tokens_per_s}")
-        if self.memory_bytes is None and self.decode_tokens_per_s is None:
-            raise ConfigError("give a target: a memory budget (--memory-gb / --memory-mib) and/or a decode speed "
-                              "(--decode-tokens-per-s)")
+        if self.prefill_tokens_per_s is not None and self.prefill_tokens_per_s <= 0:
+            raise ConfigError(f"--prefill-tokens-per-s must be positive, got {self.prefill_tokens_per_s}")
+        if self.decode_tokens_per_s is not None and self.prefill_tokens_per_s is not None:
+            raise ConfigError("give one speed target: --decode-tokens-per-s or --prefill-tokens-per-s (plan twice to "
+                              "compare them)")
+        if self.memory_bytes is None and self.speed_phase is None:
+            raise ConfigError("give a target: a memory budget (--memory-gb / --memory-mib) and/or a speed "
+                              "(--decode-tokens-per-s or --prefill-tokens-per-s)")
+
+    @property
+    def speed_phase(self) -> str | None:
+        """The phase the speed target is about: "decode", "prefill" or None (memory only)."""
+        if self.prefill_tokens_per_s is not None:
+            return "prefill"
+        return "decode" if self.decode_tokens_per_s is not None else None
+
+    def seconds_limit(self) -> float | None:
+        """The most seconds the speed target allows: per decode step, or per prefill of batch x context."""
+        if self.prefill_tokens_per_s is not None:
+            work = self.workload
+            return work.batch * work.context / self.prefill_tokens_per_s
+        return None if self.decode_tokens_per_s is None else 1.0 / self.decode_tokens_per_s
 
     @property
     def workload(self) -> Workload:
@@ -102,7 +126,8 @@ class Plan:
 def candidate_formats(profile: DeviceProfile, names: list[str] | None = None) -> list[WeightFormat]:
     """The formats to choose from. Named ones are taken as given (a format without a kernel on the
     device is costed on the reference path); by default, formats without a kernel are dropped on
-    GPUs, and NVFP4 W4A4 only where FP4 math is native."""
+    GPUs, NVFP4 W4A4 only where FP4 math is native, and the W8A8 formats (fp8, w8a8-int8) only where
+    that math is native (their worth is prefill speed; the sensitivity counts their activation rounding)."""
     if names:
         fmts = [WeightFormat.parse(n) for n in names]
         if not any(f.dense for f in fmts):
@@ -116,12 +141,13 @@ def candidate_formats(profile: DeviceProfile, names: list[str] | None = None) ->
         out.append(f)
     if "nvfp4" in profile.native_formats:
         out.append(WeightFormat.parse("nvfp4"))
+    out += [WeightFormat.parse(n) for n in W8A8_FORMATS if has_kernel(profile, WeightFormat.parse(n))]
     return out
 
 
 def _options(shape: ModelShape, sens: Sensitivity, fmts: list[WeightFormat], profile: DeviceProfile,
-             work: Workload) -> list[list[tuple[WeightFormat, int, float, float]]]:
-    """Per unit: (format, bytes, dloss, decode seconds) of every format that fits it."""
+             work: Workload, phase: str = "decode") -> list[list[tuple[WeightFormat, int, float, float]]]:
+    """Per unit: (format, bytes, dloss, seconds in ``phase``) of every format that fits it."""
     out = []
     for u in shape.units:
         opts = []
@@ -134,7 +160,7 @@ def _options(shape: ModelShape, sens: Sensitivity, fmts: list[WeightFormat], pro
             q = sens.cost(u.name, f)
             if not math.isfinite(q):
                 continue
-            opts.append((f, u.bytes(f, shape.dtype), q, unit_seconds(profile, shape, u, f, work, "decode")))
+            opts.append((f, u.bytes(f, shape.dtype), q, unit_seconds(profile, shape, u, f, work, phase)))
         if not opts:
             raise ConfigError(f"no candidate format fits {u.name} (in_features {u.in_features})")
         out.append(opts)
@@ -185,7 +211,7 @@ def make_plan(shape: ModelShape, sens: Sensitivity, profile: DeviceProfile, targ
     """The plan with the lowest predicted loss that meets ``target``, or the closest feasible one."""
     work = target.workload
     fmts = formats or candidate_formats(profile)
-    options = _options(shape, sens, fmts, profile, work)
+    options = _options(shape, sens, fmts, profile, work, target.speed_phase or "decode")
     if target.context is None:
         kv_names = ["bf16"]
     else:
@@ -213,13 +239,18 @@ def _shortfall(plan: Plan) -> float:
         miss += max(0.0, plan.memory_used / t.memory_bytes - 1)
     if t.decode_tokens_per_s is not None:
         miss += max(0.0, t.decode_tokens_per_s / plan.prediction.decode_tokens_per_s - 1)
+    if t.prefill_tokens_per_s is not None:
+        miss += max(0.0, t.prefill_tokens_per_s / plan.prediction.prefill_tokens_per_s - 1)
     return miss
 
 
 def _plan_for_kv(shape, sens, profile, target: Target, work: Workload, options, kv_name: str, kv_q: float) -> Plan:
     kv = kv_option_config(kv_name)
-    fixed_t = sum(fixed_seconds(profile, shape, kv, work, "decode").values())
-    step_budget = None if target.decode_tokens_per_s is None else 1.0 / target.decode_tokens_per_s - fixed_t
+    phase, limit = target.speed_phase or "decode", target.seconds_limit()
+    fixed_t = sum(fixed_seconds(profile, shape, kv, work, phase).values())
+
+    def seconds(plan: Plan) -> float:
+        return plan.prediction.decode_s if phase == "decode" else plan.prediction.prefill_s
 
     def build(choice: list[int]) -> Plan:
         fm = {u.name: options[i][choice[i]][0] for i, u in enumerate(shape.units)}
@@ -268,25 +299,32 @@ def _plan_for_kv(shape, sens, profile, target: Target, work: Workload, options, 
     plan = solve(0.0)
     if plan is None:
         return _infeasible_memory(shape, profile, target, work, options, kv_name, kv_q, build)
-    if step_budget is not None and plan.prediction.decode_s > 1.0 / target.decode_tokens_per_s:
+    if limit is not None and seconds(plan) > limit:
         lo, hi = 0.0, 1.0
         fast = solve(hi)
-        while fast is not None and fast.prediction.decode_s > 1.0 / target.decode_tokens_per_s and hi < 1e12:
+        while fast is not None and seconds(fast) > limit and hi < 1e12:
             hi *= 10
             fast = solve(hi)
-        if fast is None or fast.prediction.decode_s > 1.0 / target.decode_tokens_per_s:
+        if fast is None or seconds(fast) > limit:
             best = fast or plan
             best.feasible = False
-            best.message = (f"decode {target.decode_tokens_per_s:g} tokens/s per sequence is out of reach on "
-                            f"{profile.name} at batch {work.batch}, context {work.context}: the fastest plan "
-                            f"{'within the memory budget ' if target.memory_bytes else ''}predicts "
-                            f"{best.prediction.decode_tokens_per_s:.1f} tokens/s (attention, the output layer "
-                            f"and launches alone take {fixed_t * 1e3:.2f} ms per step); this is that plan")
+            within = 'within the memory budget ' if target.memory_bytes else ''
+            if phase == "decode":
+                best.message = (f"decode {target.decode_tokens_per_s:g} tokens/s per sequence is out of reach on "
+                                f"{profile.name} at batch {work.batch}, context {work.context}: the fastest plan "
+                                f"{within}predicts {best.prediction.decode_tokens_per_s:.1f} tokens/s (attention, "
+                                f"the output layer and launches alone take {fixed_t * 1e3:.2f} ms per step); "
+                                f"this is that plan")
+            else:
+                best.message = (f"prefill {target.prefill_tokens_per_s:g} tokens/s is out of reach on {profile.name} "
+                                f"at batch {work.batch}, context {work.context}: the fastest plan {within}predicts "
+                                f"{best.prediction.prefill_tokens_per_s:,.0f} tokens/s (attention, the output layer "
+                                f"and launches alone take {fixed_t * 1e3:.2f} ms per prefill); this is that plan")
             return best
         for _ in range(30):
             mid = math.sqrt(lo * hi) if lo > 0 else hi / 1000
             cand = solve(mid)
-            if cand is not None and cand.prediction.decode_s <= 1.0 / target.decode_tokens_per_s:
+            if cand is not None and seconds(cand) <= limit:
                 hi, fast = mid, cand
             else:
                 lo = mid

@@ -11,6 +11,11 @@ second order with the diagonal Fisher of its outputs:
 - ``E_t[dy_{t,r}^2]`` = e_r H e_r^T / 2 with e_r the row's weight error and H = 2/n sum_t x_t x_t^T
   the GPTQ Hessian of the unit's input, collected by the shared calibration engine on the float
   model. ``Q_f`` is what the recipe will run: GPTQ (default) or round-to-nearest onto f.
+- W8A8 formats (fp8, w8a8-int8) also round the activations: dy_t = Q_f x~_t - W x_t, whose second
+  moment adds sum_j Q_rj^2 E_t[(x~_t - x_t)_j^2] (rounding errors taken as uncorrelated across
+  channels and with the weight error). The per-channel mean squared rounding error is measured on
+  the same calibration inputs; a static per-tensor scale is taken as the dynamic per-token one
+  (its scale comes from the whole calibration set, so it is known only after the pass).
 
 Units are measured one at a time on the float model, and the planner adds their costs; the sum
 predicts the model's loss increase (reported next to the measurement after ``compress run``).
@@ -36,6 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..engine import run_layerwise
+from ..kernels.act_quant import fake_quantize_activations
 from ..evaluation import perplexity_through_cache
 from ..formats import WeightFormat
 from ..kv.config import KVCacheConfig
@@ -139,7 +145,8 @@ class _Probe:
         return name in self.unit_of
 
     def new_stats(self, module: nn.Linear) -> HessianStats:
-        return HessianStats(module.in_features, device=module.weight.device)
+        acts = {_act_key(f) for f in self.formats if f.w8a8}
+        return _ProbeStats(module.in_features, sorted(acts), device=module.weight.device)
 
     def _config(self, fmt: WeightFormat):
         cls = GPTQConfig if self.solver == "gptq" else RTNConfig
@@ -161,6 +168,9 @@ class _Probe:
                 result = rtn_solve(weight, cfg, modules[0].weight.dtype, h.diagonal())
             err = result.weight.float() - weight                                     # (rows, in)
             out_mse = ((err @ h) * err).sum(1) / 2                                   # E_t[dy_r^2], (rows,)
+            if fmt.w8a8:
+                # the activations' rounding: sum_j Q_rj^2 E_t[dx_j^2]
+                out_mse = out_mse + result.weight.float().square() @ stats.act_mse(_act_key(fmt))
             per_row = 0.5 * fisher * out_mse
             row = 0
             for n, m in zip(names, modules):
@@ -171,6 +181,30 @@ class _Probe:
 
     def finalize(self, root: nn.Module, prefix: str, names: list[str]) -> None:
         pass
+
+
+def _act_key(fmt: WeightFormat) -> tuple[str, str]:
+    """(activation kind, dynamic strategy) of a W8A8 format; static per tensor is measured as per token."""
+    return ("fp8" if fmt.kind == "fp8" else "int8", "group" if fmt.act_strategy == "group" else "token")
+
+
+class _ProbeStats(HessianStats):
+    """The Hessian, plus per input channel the summed squared activation rounding error of each
+    W8A8 activation scheme ``acts`` ((kind, strategy) pairs)."""
+
+    def __init__(self, in_features: int, acts: list[tuple[str, str]], device):
+        super().__init__(in_features, device=device)
+        self.act_sq = {a: torch.zeros(in_features, dtype=torch.float32, device=device) for a in acts}
+
+    def add(self, x: torch.Tensor) -> None:
+        super().add(x)
+        xf = x.reshape(-1, self.in_features).float()                     # (tokens, in)
+        for (kind, strategy), acc in self.act_sq.items():
+            acc += (fake_quantize_activations(xf, kind, strategy) - xf).square().sum(0)
+
+    def act_mse(self, key: tuple[str, str]) -> torch.Tensor:
+        """(in,) E_t[(x~ - x)_j^2]."""
+        return self.act_sq[key] / max(self.tokens, 1)
 
 
 def _fingerprint(data: dict) -> str:

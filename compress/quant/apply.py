@@ -1,6 +1,7 @@
 """Apply RTN or GPTQ to a model: pick the target linears, solve them through the engine's driver
 (layer by layer with calibration data when the config needs it), and swap each for a packed
-``QuantLinear`` / ``FP4Linear``. The "rtn" and "gptq" methods are registered at the bottom."""
+``QuantLinear`` / ``FP4Linear`` / ``W8A8Linear``. The "rtn" and "gptq" methods are registered at the
+bottom."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ class IntWeightQuantizer(LayerMethod):
         self.gptq = isinstance(cfg, GPTQConfig)           # solve on the Hessian; else round to nearest
         self.records: dict[str, ModuleRecord] = {}
         self._results: dict[str, QuantResult] = {}
-        self._input_amax: dict[str, torch.Tensor] = {}      # W4A4: max |input| seen in calibration
+        self._input_amax: dict[str, torch.Tensor] = {}      # static activations: max |input| in calibration
         self.module_cfgs: dict[str, IntWeightConfig] = {}   # target name -> its resolved config
         self._warned_split = False
         self.routed: dict[str, int] = {}                     # expert name -> tokens routed to it
@@ -88,7 +89,8 @@ class IntWeightQuantizer(LayerMethod):
         self.routed.update(prepare_experts(layer, prefix, inputs, self.gptq and self.cfg.route_all_experts))
 
     def new_stats(self, module: nn.Linear) -> HessianStats | InputStats:
-        # RTN (calibrated only for NVFP4 W4A4's input scale) needs no Hessian.
+        # RTN (calibrated only for static activation scales: NVFP4 W4A4, fp8-static, w8a8-int8-static)
+        # needs no Hessian.
         stats = HessianStats if self.gptq else InputStats
         return stats(module.in_features, device=module.weight.device)
 
@@ -107,9 +109,10 @@ class IntWeightQuantizer(LayerMethod):
             calibrated, stats = False, None
         input_amax = stats.amax if calibrated else None
         for name, cfg in zip(names, cfgs):
-            if cfg.scheme == "nvfp4" and input_amax is None:
-                raise ConfigError(f"{name}: scheme 'nvfp4' (W4A4) needs the activations' range from "
-                                  f"calibration data; pass calib= (CLI: --calib FILE)")
+            if cfg.weight_format.static_activations and input_amax is None:
+                raise ConfigError(f"{name}: scheme {cfg.scheme!r} quantizes activations with a static scale, "
+                                  f"which needs the activations' range from calibration data; pass calib= "
+                                  f"(CLI: --calib FILE), or use a dynamic scheme (nvfp4a16, fp8, w8a8-int8)")
         if self.gptq and not calibrated and not few:
             log.warning("%s received no calibration input; quantized with round-to-nearest", names[0])
         weight = torch.cat([m.weight.detach() for m in modules], dim=0)
@@ -124,7 +127,7 @@ class IntWeightQuantizer(LayerMethod):
         # NVFP4 rows of one fused group share one global scale (vLLM fuses q/k/v and gate/up into
         # one tensor with one); solved in one part, the part's stacked amax gives it.
         shared_global = {} if len(parts) == 1 else _shared_nvfp4_global_scales(parts)
-        for cfg, part_names, part_modules in parts:
+        for cfg, part_names, part_modules in _split_blocks(parts):
             self._solve_part(cfg, part_names, part_modules, stats if calibrated else None, keep_zeros,
                              shared_global.get(cfg.scheme))
         for name in names:
@@ -156,7 +159,7 @@ class IntWeightQuantizer(LayerMethod):
                                               result.fallback)
 
     def finalize(self, root: nn.Module, prefix: str, names: list[str]) -> None:
-        """Swap the solved linears under ``root`` for packed QuantLinear / FP4Linear modules."""
+        """Swap the solved linears under ``root`` for packed QuantLinear / FP4Linear / W8A8Linear modules."""
         if set_route_all(root, False):
             self._log_experts(prefix, names)
         for local in names:
@@ -209,6 +212,19 @@ def _split_by_config(names: list[str], modules: list[nn.Linear], cfgs: list[IntW
     return parts
 
 
+def _split_blocks(parts):
+    """``parts`` with each fp8-block part split into one part per module: a 128-row weight block must
+    not span two modules (q_proj's 576 rows end mid-block), and rows are independent given H, so
+    solving them apart with the same statistics gives each module what a solve of its own would."""
+    out = []
+    for cfg, names, modules in parts:
+        if cfg.weight_format.weight_strategy == "block":
+            out += [(cfg, [n], [m]) for n, m in zip(names, modules)]
+        else:
+            out.append((cfg, names, modules))
+    return out
+
+
 def _shared_nvfp4_global_scales(parts) -> dict[str, torch.Tensor]:
     """scheme -> one NVFP4 global scale, for each NVFP4 scheme that several parts of one fused
     group use (e.g. q with observer mse, k/v with minmax): from the amax of all their rows, as a
@@ -222,21 +238,23 @@ def _shared_nvfp4_global_scales(parts) -> dict[str, torch.Tensor]:
 
 
 def needs_data(cfg: IntWeightConfig) -> bool:
-    """GPTQ solves on the Hessian of calibration inputs; RTN needs data only for NVFP4 W4A4's
-    activation scale, in its own scheme or a per-layer override."""
-    return isinstance(cfg, GPTQConfig) or any(c.scheme == "nvfp4" for c in cfg.resolved_configs())
+    """GPTQ solves on the Hessian of calibration inputs; RTN needs data only for a static activation
+    scale (NVFP4 W4A4, fp8-static, w8a8-int8-static), in its own scheme or a per-layer override."""
+    return isinstance(cfg, GPTQConfig) or any(c.weight_format.static_activations for c in cfg.resolved_configs())
 
 
 def quantize_weights(model: nn.Module, cfg: IntWeightConfig, calib=None, *, device=None,
                      batch_size: int | None = None, progress: bool = True) -> Records:
-    """Quantize every target linear of ``model`` in place. GPTQ (and NVFP4 W4A4) need ``calib``;
-    otherwise it is ignored."""
+    """Quantize every target linear of ``model`` in place. GPTQ (and schemes with static activation
+    scales: nvfp4, fp8-static, w8a8-int8-static) need ``calib``; otherwise it is ignored."""
     quantizer = IntWeightQuantizer(model, cfg)
     start = time.perf_counter()
     if needs_data(cfg) and calib is None:
-        w4a4 = [n for n, c in quantizer.module_cfgs.items() if c.scheme == "nvfp4"]
+        static = [(n, c.scheme) for n, c in quantizer.module_cfgs.items() if c.weight_format.static_activations]
         what = "GPTQ" if isinstance(cfg, GPTQConfig) else \
-            f"scheme 'nvfp4' (W4A4: the activations' range; {len(w4a4)} linear(s), e.g. {w4a4[0]})"
+            (f"scheme {static[0][1]!r} ({'W4A4' if static[0][1] == 'nvfp4' else 'W8A8'}: a static activation "
+             f"scale from the activations' range; {len(static)} "
+             f"linear(s), e.g. {static[0][0]})" if static else "an override with a static activation scheme")
         raise ConfigError(f"{what} needs calibration data: pass calib=compress.calibration_data(tokenizer, "
                           "TEXT_FILE, samples=..., seqlen=...) (CLI: --calib FILE)")
     compress_layers(model, quantizer, calib if needs_data(cfg) else None, device=device, batch_size=batch_size,

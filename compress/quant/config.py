@@ -1,4 +1,5 @@
-"""Configs of the integer weight-quantization methods (round-to-nearest and GPTQ)."""
+"""Configs of the weight-quantization methods (round-to-nearest and GPTQ): integer, FP4 and W8A8
+(FP8 / INT8 weights and activations) schemes."""
 
 from __future__ import annotations
 
@@ -49,12 +50,25 @@ class IntWeightConfig(MethodConfig):
                     scale from calibration: W4A4; needs calibration data even with rtn), or
                     "mxfp4" (E2M1 weights, an E8M0 power-of-two scale per 32 inputs).
                     With observer "mse" the FP4 block scales are searched too.
+                    W8A8 schemes (8-bit weights *and* activations, run natively by FP8 / INT8 tensor
+                    cores; "bits" is 8 or left at its default, "group_size" is left alone, null,
+                    or 128 for fp8-block):
+                    "fp8" (FP8 E4M3 weights, a scale per output channel; FP8 activations with a
+                    dynamic scale per token: llm-compressor's FP8_DYNAMIC), "fp8-block" (a weight
+                    scale per 128x128 block, activations per 1x128 group: FP8_BLOCK; a narrower
+                    last block is allowed, vLLM wants in_features divisible by 128),
+                    "fp8-static" (one weight scale per tensor, shared by the fused q/k/v or
+                    gate/up rows; one static activation scale per tensor from calibration),
+                    "w8a8-int8" (INT8 symmetric weights per channel, INT8 activations dynamic per
+                    token: W8A8) and "w8a8-int8-static" (activations static per tensor). The
+                    static schemes need calibration data even with rtn; the dynamic ones with
+                    rtn are data-free. GPTQ solves on their 8-bit grids.
     overrides:      per-module formats: {pattern: {field: value}}, patterns as in ``ignore``, fields
                     among bits, group_size, symmetric, observer, scheme, partial_groups. The first
                     pattern (in mapping order) that matches a module gives its format: this config
                     with those fields replaced (``for_module``). ``ignore`` wins over overrides. An
                     override to a 4-bit float scheme implies bits 4 and symmetric unless it says
-                    otherwise. Example: {"model.layers.0.mlp.down_proj": {"bits": 8,
+                    otherwise; an override to a W8A8 scheme implies bits 8. Example: {"model.layers.0.mlp.down_proj": {"bits": 8,
                     "group_size": None}, "re:self_attn\\.(q|k|v)_proj": {"scheme": "nvfp4a16"}}.
     """
 
@@ -64,11 +78,18 @@ class IntWeightConfig(MethodConfig):
     observer: Literal["minmax", "mse"] = "minmax"
     partial_groups: bool = False
     ignore: list[str] = dataclasses.field(default_factory=lambda: ["lm_head"])
-    scheme: Literal["int", "nvfp4a16", "nvfp4", "mxfp4"] = "int"
+    scheme: Literal["int", "nvfp4a16", "nvfp4", "mxfp4", "fp8", "fp8-block", "fp8-static", "w8a8-int8",
+                    "w8a8-int8-static"] = "int"
     overrides: dict[str, dict] = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:
         fmt = WeightFormat.from_config(self)            # ConfigError naming the field that makes no format
+        if fmt.w8a8 and self.group_size not in (None, DEFAULT_GROUP_SIZE, fmt.group_size):
+            layout = ("128x128 blocks" if fmt.weight_strategy == "block" else
+                      f"one scale per {'tensor' if fmt.weight_strategy == 'tensor' else 'output channel'}")
+            raise ConfigError(f"scheme {self.scheme!r} stores its weights with {layout}; group_size "
+                              f"{self.group_size} does not apply to it: drop group_size, or use scheme 'int' "
+                              f"for integer groups of {self.group_size} (weight-only)")
         if self.scheme != "int" and self.group_size not in (None, DEFAULT_GROUP_SIZE, fmt.group_size):
             raise ConfigError(f"scheme {self.scheme!r} stores fixed blocks of {fmt.group_size} inputs; group_size "
                               f"{self.group_size} does not apply to it: drop group_size (or set it to "
@@ -112,8 +133,8 @@ class IntWeightConfig(MethodConfig):
         hints = typing.get_type_hints(type(self))
         values = {k: check_type(v, hints[k], f"{where}: field {k!r}") for k, v in override.items()}
         if values.get("scheme", "int") != "int":
-            # The 4-bit float formats fix these; do not make every override repeat them.
-            values.setdefault("bits", 4)
+            # The FP4 and W8A8 formats fix these; do not make every override repeat them.
+            values.setdefault("bits", WeightFormat.from_scheme(values["scheme"]).bits)
             values.setdefault("symmetric", True)
             values.setdefault("group_size", WeightFormat.from_scheme(values["scheme"]).group_size)
         try:

@@ -6,12 +6,16 @@ solve by ``fmt.solver_grid(scale_dtype, observer)``.
 - ``IntFormat``: the integer grid of ``grid.py`` (2-8 bits, per group or channel, zero points).
 - ``FP4Format``: E2M1 codes with per-block scales, ``nvfp4`` (FP8 E4M3 scale per 16 columns over a
   float32 per-tensor global scale) or ``mxfp4`` (E8M0 scale per 32), from ``fp4.py``.
+- ``FP8Format``: FP8 E4M3 codes with a scale per output channel, per tensor or per 128x128 block
+  (the W8A8 fp8 schemes), from ``fp8.py``. The w8a8-int8 schemes round onto ``IntFormat`` (8 bits,
+  per channel, symmetric) and differ only in how they are packed (``W8A8Linear``).
 
 This module also registers, per format kind, the packed module and the grid that
 ``WeightFormat`` hands out (``register_kind``, at the bottom).
 
 Parameters (``params``) are a dict of (rows, groups) tensors; ``params["div"]`` is what a weight is
-divided by before rounding (int: the scale; FP4: the effective block scale).
+divided by before rounding (int: the scale; FP4: the effective block scale; FP8: the scale, held
+per row).
 """
 
 from __future__ import annotations
@@ -24,17 +28,21 @@ from ..formats import SCHEMES, WeightFormat, register_kind  # noqa: F401  (SCHEM
 from .fp4 import _encode_scaled, _mxfp4_scales, _nvfp4_scales, mxfp4_quantize, nvfp4_global_scale, nvfp4_quantize
 from ..kernels.fp4_packing import e2m1_decode, e8m0_decode
 from .fp4_linear import FP4Linear
-from .grid import code_range, compute_qparams, dequantize, num_groups, quantize
+from .fp8 import column_groups, fp8_encode, fp8_quantize, fp8_scale, reduce_rows, row_blocks
+from .grid import MSE_SHRINK, code_range, compute_qparams, dequantize, num_groups, quantize
 from .linear import QuantLinear
+from .w8a8_linear import W8A8Linear
 
 
 @dataclasses.dataclass
 class QuantResult:
     """What a weight solver returns for one (rows, cols) weight.
 
-    codes:        int8 signed codes (int) or uint8 E2M1 codes (FP4), (rows, cols)
+    codes:        int8 signed codes (int), uint8 E2M1 codes (FP4) or float8_e4m3fn codes (FP8),
+                  (rows, cols)
     scale:        int: float32 (rows, groups), values exactly representable in the storage dtype;
-                  NVFP4: float8_e4m3fn block scales; MXFP4: uint8 E8M0 exponents
+                  NVFP4: float8_e4m3fn block scales; MXFP4: uint8 E8M0 exponents; FP8: float32
+                  (rows, groups) per row (a tensor's or block's scale repeated on its rows)
     zero_point:   float32 integers (rows, groups), or None when symmetric (always for FP4)
     weight:       the dequantized weight in float32 (what the model computes with)
     loss:         the solver's own error measure (GPTQ: its weighted loss; RTN: squared error)
@@ -214,6 +222,76 @@ class FP4Format:
         return QuantResult(codes, params["raw"], None, weight, loss, global_scale=self.global_scale, **kw)
 
 
-register_kind("int", packed=QuantLinear, grid=IntFormat)
+class FP8Format:
+    """FP8 E4M3 weights (the fp8, fp8-block, fp8-static schemes): a scale per output channel, one per
+    tensor (the rows solved together share it: a fused q/k/v gets one scale), or one per 128x128
+    block (``group_size`` 128: GPTQ groups columns by it). Scales are kept per row (``fp8.py``)."""
+
+    codes_dtype = torch.float8_e4m3fn
+    symmetric = True
+
+    def __init__(self, fmt: WeightFormat, scale_dtype: torch.dtype, observer: str = "minmax"):
+        if fmt.kind != "fp8":
+            raise ValueError(f"FP8 grid needs an fp8 format, got {fmt}")
+        if observer not in ("minmax", "mse"):
+            raise ValueError(f"observer must be 'minmax' or 'mse', got {observer!r}")
+        self.strategy = fmt.weight_strategy                      # channel | tensor | block
+        self.group_size = fmt.group_size                         # None, or 128 columns (block)
+        self.scale_dtype, self.observer = scale_dtype, observer
+
+    @classmethod
+    def from_format(cls, fmt: WeightFormat, scale_dtype: torch.dtype, observer: str) -> FP8Format:
+        return cls(fmt, scale_dtype, observer)
+
+    def fit(self, w: torch.Tensor, col_weight: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Per-row scales (rows, groups) of ``w`` (rows, cols); with observer "mse" the scale of
+        each channel / tensor / block is the shrunk one (MSE_SHRINK) with the lowest squared error,
+        columns weighted by ``col_weight``."""
+        wg = column_groups(w.float(), self.group_size)                             # (rows, groups, g)
+        blocks = row_blocks(w.shape[0]) if self.strategy == "block" else None
+        amax = reduce_rows(wg.abs().amax(dim=-1), self.strategy, blocks, "amax")   # (rows, groups)
+        best = fp8_scale(amax, self.scale_dtype)
+        if self.observer != "mse":
+            return {"div": best}
+        cw = None if col_weight is None else column_groups(col_weight.float().reshape(1, -1), self.group_size)
+        best_err = self._error(wg, best, cw, blocks)
+        for shrink in MSE_SHRINK[1:]:
+            cand = fp8_scale(amax * shrink, self.scale_dtype)
+            err = self._error(wg, cand, cw, blocks)
+            better = err < best_err
+            best_err, best = torch.where(better, err, best_err), torch.where(better, cand, best)
+        return {"div": best}
+
+    def _error(self, wg: torch.Tensor, div: torch.Tensor, cw: torch.Tensor | None,
+               blocks: torch.Tensor | None) -> torch.Tensor:
+        """Squared error of each scale's weights, repeated on its rows: (rows, groups)."""
+        d = div.unsqueeze(-1)
+        err = (fp8_encode(wg / d).float() * d - wg).pow_(2)
+        if cw is not None:
+            err.mul_(cw)
+        return reduce_rows(err.sum(dim=-1), self.strategy, blocks, "sum")
+
+    def empty(self, rows: int, cols: int, device) -> dict[str, torch.Tensor]:
+        return {"div": torch.ones(rows, num_groups(cols, self.group_size), device=device)}
+
+    def fit_group(self, params: dict, k: int, w: torch.Tensor, col_weight: torch.Tensor | None) -> None:
+        """Fit column group ``k`` (block scheme) to its columns ``w`` (rows, <= 128) as they are now."""
+        params["div"][:, k:k + 1] = self.fit(w, col_weight)["div"]
+
+    def round_column(self, x: torch.Tensor, params: dict, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        d = params["div"][:, k]
+        codes = fp8_encode(x / d)
+        return codes, codes.float() * d
+
+    def quantize(self, w: torch.Tensor, params: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return fp8_quantize(w, params["div"], self.group_size)
+
+    def result(self, codes, params, weight, loss, **kw) -> QuantResult:
+        return QuantResult(codes, params["div"], None, weight, loss, **kw)
+
+
+register_kind("int", packed=QuantLinear, grid=IntFormat, act_quant=False)
+register_kind("int", packed=W8A8Linear, grid=IntFormat, act_quant=True)      # w8a8-int8: int8 codes, unpacked
+register_kind("fp8", packed=W8A8Linear, grid=FP8Format)
 register_kind("nvfp4", packed=FP4Linear, grid=FP4Format)
 register_kind("mxfp4", packed=FP4Linear, grid=FP4Format)

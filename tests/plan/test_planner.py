@@ -103,6 +103,34 @@ def test_a_decode_target_on_a_gpu_buys_speed_with_smaller_formats():
     assert too_fast.prediction.decode_tokens_per_s == pytest.approx(int4.prediction.decode_tokens_per_s, rel=1e-6)
 
 
+def test_a_prefill_target_on_h100_chooses_fp8():
+    """FP8 W8A8 halves the prefill GEMMs' time on Hopper (native FP8 math); int4 (dequantized to bf16
+    inside the kernel) does not speed prefill up, so a prefill target buys FP8, never int4."""
+    h100 = load_profile("h100")
+    shape = shape_from_config(LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                                          num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4))
+    fmts = [WeightFormat.parse(f) for f in ("bf16", "int4-g128", "fp8")]
+    sens = Sensitivity({"int4-g128": {u.name: 1e-2 for u in shape.units},
+                        "fp8": {u.name: 1e-3 for u in shape.units}}, 2.0, "test", {})
+    work = dict(batch=4, context=4096)
+    bf16 = make_plan(shape, sens, h100, Target(prefill_tokens_per_s=1.0, **work), fmts, kv_options=["bf16"])
+    assert set(f.name for f in bf16.formats.values()) == {"bf16"}           # no pressure: keep bf16
+    fp8 = uniform_plan(shape, sens, h100, Target(prefill_tokens_per_s=1.0, **work), "fp8")
+    assert fp8.prediction.prefill_tokens_per_s > 1.3 * bf16.prediction.prefill_tokens_per_s
+    goal = (bf16.prediction.prefill_tokens_per_s + fp8.prediction.prefill_tokens_per_s) / 2
+    plan = make_plan(shape, sens, h100, Target(prefill_tokens_per_s=goal, **work), fmts, kv_options=["bf16"])
+    assert plan.feasible and plan.prediction.prefill_tokens_per_s >= goal
+    assert "fp8" in plan.counts() and "int4-g128" not in plan.counts()      # int4 dequantizes: no faster prefill
+    int4 = uniform_plan(shape, sens, h100, Target(decode_tokens_per_s=1.0, **work), "int4-g128")
+    decode_goal = (bf16.prediction.decode_tokens_per_s + int4.prediction.decode_tokens_per_s) / 2
+    decode = make_plan(shape, sens, h100, Target(decode_tokens_per_s=decode_goal, **work), fmts,
+                       kv_options=["bf16"])
+    assert decode.feasible and decode.prediction.decode_tokens_per_s >= decode_goal   # FP8's halved bytes count here too
+    too_fast = make_plan(shape, sens, h100, Target(prefill_tokens_per_s=fp8.prediction.prefill_tokens_per_s * 3,
+                                                   **work), fmts, kv_options=["bf16"])
+    assert not too_fast.feasible and "prefill" in too_fast.message and "out of reach" in too_fast.message
+
+
 def test_with_a_context_the_kv_cache_format_is_chosen_to_fit():
     h100 = load_profile("h100")
     shape = shape_from_config(LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
@@ -126,6 +154,10 @@ def test_targets_are_validated():
         Target()
     with pytest.raises(ConfigError, match="positive"):
         Target(memory_bytes=-1)
+    with pytest.raises(ConfigError, match="positive"):
+        Target(prefill_tokens_per_s=0)
+    with pytest.raises(ConfigError, match="one speed target"):
+        Target(decode_tokens_per_s=10, prefill_tokens_per_s=1000)
 
 
 def test_default_candidates_follow_the_device():
@@ -134,6 +166,10 @@ def test_default_candidates_follow_the_device():
     cpu = [f.name for f in candidate_formats(load_profile("cpu"))]
     assert "int3-g64-asym" not in h100 and "int3-g64-asym" in cpu        # no 3-bit kernel on GPUs
     assert "nvfp4" in b200 and "nvfp4" not in h100                       # W4A4 only where FP4 math is native
+    a100 = [f.name for f in candidate_formats(load_profile("a100"))]
+    assert {"fp8", "w8a8-int8"} <= set(h100)                             # W8A8 where its math is native
+    assert "w8a8-int8" in a100 and "fp8" not in a100                     # Ampere: INT8 tensor cores, no FP8
+    assert "fp8" not in cpu and "w8a8-int8" not in cpu
     named = candidate_formats(load_profile("h100"), ["int3-g64-asym"])
     assert [f.name for f in named] == ["bf16", "int3-g64-asym"]
 

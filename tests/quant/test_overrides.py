@@ -241,6 +241,18 @@ def test_w4a4_override_needs_calibration_data():
     compress.quantize(tiny_model("llama"), RTNConfig(group_size=32, overrides={"mlp.gate_proj": {"bits": 8}}), progress=False)
 
 
+@pytest.mark.parametrize("scheme", ["fp8-static", "w8a8-int8-static"])
+def test_static_w8a8_override_needs_calibration_data_and_dynamic_does_not(scheme):
+    cfg = RTNConfig(group_size=32, overrides={"mlp.down_proj": {"scheme": scheme}})
+    with pytest.raises(ConfigError, match=rf"scheme '{scheme}' \(W8A8.*model\.layers\.0\.mlp\.down_proj"):
+        compress.quantize(tiny_model("llama"), cfg, progress=False)
+    dynamic = scheme.replace("-static", "")
+    model = tiny_model("llama")
+    compress.quantize(model, RTNConfig(group_size=32, overrides={"mlp.down_proj": {"scheme": dynamic}}), progress=False)
+    assert model.model.layers[0].mlp.down_proj.label == dynamic
+    assert model.model.layers[0].mlp.up_proj.label == "int4 g32"
+
+
 RECIPE = r"""
 version: 1
 model: m
