@@ -16,7 +16,8 @@ One kernel, two schedules (the launcher's ``KernelConfig`` picks them):
 - **split-K** for small batches: grid (M tiles x N tiles, SPLIT_K); each program streams its
   slice of K once (evict-first: the weights are read exactly once per call), keeps the
   activations in cache (evict-last), and adds its partial sums into a float32 output with
-  atomics, so that one token still spreads over every SM. BLOCK_M = 1 reduces on the CUDA cores;
+  atomics, so that one token still spreads over every SM. BLOCK_M = 1 reduces on the CUDA cores
+  (``_gemv_tile``: per-word sums, reduced once after the K loop; see docs/kernel-budget.md);
   BLOCK_M >= 16 uses ``tl.dot``.
 - **tiled** for medium batches: SPLIT_K = 1, BLOCK_M up to 128, programs ordered in GROUP_M
   bands so that neighbouring programs share weight tiles in L2; output written once, in the
@@ -74,6 +75,61 @@ def _dot(x, w, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, USE_DOT: 
         return tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), input_precision=INPUT_PRECISION)
     else:
         return tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+
+
+MAGIC = tl.constexpr(0x4B000000)      # float32 bits of 2^23: (u | MAGIC) is the float 2^23 + u, exactly
+
+
+@triton.jit
+def _gemv_tile(x_row, K, k0, packed_ptr, scale_ptr, zp_ptr, n_offs, N, KW, G, BITS: tl.constexpr,
+               GROUP_SIZE: tl.constexpr, HAS_ZP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               EVEN_K: tl.constexpr):
+    """One token, a K tile inside one group: ``s * sum_j x * (u - uz)`` per packed word,
+    (BLOCK_N, BLOCK_K/PER) float32 in the words' own register layout (no reshape, no shuffle; the
+    sum over words happens once, after the K loop).
+
+    Decoding without shifts or int-to-float conversions: the J = 23 // BITS codes of a word that sit
+    in its low 23 bits (int4: 5) are masked *in place* and or-ed into the mantissa of 2^23, one
+    and-or each: ``(w & (mask << BITS*j)) | MAGIC`` is the float ``2^23 + u * 2^(BITS*j)``, and
+    subtracting ``2^23 + uz * 2^(BITS*j)`` leaves ``(u - uz) * 2^(BITS*j)`` exactly. The activation
+    of that column is multiplied by ``2^-(BITS*j)`` once per word column (shared by the rows a
+    thread holds), so each product equals ``x * (u - uz)`` bit for bit. The next J codes come from
+    the word shifted right by BITS*J (one shift per word and round). EVEN_K (every tile inside K)
+    drops the column masks of x and of the words."""
+    PER: tl.constexpr = 32 // BITS
+    J: tl.constexpr = 23 // BITS                                          # codes per 23-bit window
+    MASK: tl.constexpr = (1 << BITS) - 1
+    kw = k0 // PER + tl.arange(0, BLOCK_K // PER)
+    n_mask = n_offs < N
+    # Each packed word is loaded once and streamed: weights are never reused within a call.
+    words = tl.load(packed_ptr + n_offs[:, None].to(tl.int64) * KW + kw[None, :],
+                    mask=n_mask[:, None] & ((kw[None, :] < KW) | EVEN_K), other=0,
+                    eviction_policy="evict_first").to(tl.uint32, bitcast=True)   # (BLOCK_N, BLOCK_K // PER)
+    if GROUP_SIZE > 0:
+        g = k0 // GROUP_SIZE
+    else:
+        g = 0
+    s = tl.load(scale_ptr + n_offs * G + g, mask=n_mask, other=0.0).to(tl.float32)          # (BLOCK_N,)
+    if HAS_ZP:
+        uz = _zero_codes(zp_ptr, n_offs, g, N, G, BITS).to(tl.float32)                      # (BLOCK_N,)
+    else:
+        uz = tl.full((BLOCK_N,), 1 << (BITS - 1), tl.float32)
+    wcol = kw * PER                                                       # first column of each word
+    part = tl.zeros((BLOCK_N, BLOCK_K // PER), dtype=tl.float32)
+    for j in tl.static_range(PER):
+        jj = j % J                                                        # position in the 23-bit window
+        step = 1 << (BITS * jj)
+        if jj == 0 and j > 0:
+            words = words >> (BITS * J)
+        if EVEN_K:
+            xj = tl.load(x_row + wcol + j, eviction_policy="evict_last")
+        else:
+            xj = tl.load(x_row + wcol + j, mask=wcol < K - j, other=0.0, eviction_policy="evict_last")
+        xj = xj.to(tl.float32) * (1.0 / step)                                             # (BLOCK_K // PER,)
+        u = ((words & (MASK << (BITS * jj))) | MAGIC).to(tl.float32, bitcast=True)        # 2^23 + u * step
+        zero = uz * step + 8388608.0                                                      # 2^23 + uz * step, exact
+        part += (u - zero[:, None]) * xj[None, :]
+    return part * s[:, None]
 
 
 @triton.jit
@@ -155,7 +211,8 @@ def _dequant_matmul_kernel(x_ptr, packed_ptr, scale_ptr, zp_ptr, gidx_ptr, bias_
                            BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_MODE: tl.constexpr,
                            HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                           SPLIT_K: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                           SPLIT_K: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                           EVEN_K: tl.constexpr):
     # Program -> (m tile, n tile), in bands of GROUP_M m-tiles so that programs running together
     # read the same weight tiles (L2 reuse); axis 1 is the K split.
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -164,13 +221,23 @@ def _dequant_matmul_kernel(x_ptr, packed_ptr, scale_ptr, zp_ptr, gidx_ptr, bias_
     m_offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     n_offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     USE_DOT: tl.constexpr = BLOCK_M >= 16
+    # One token with the tile inside one group: per-word sums, reduced once after the loop.
+    GEMV: tl.constexpr = (BLOCK_M == 1) and (GROUP_MODE == 0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_words = tl.zeros((BLOCK_N, BLOCK_K // (32 // BITS)), dtype=tl.float32)
+    x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     for k0 in range(k_start, k_end, BLOCK_K):
-        acc = _tile(acc, x_ptr, stride_xm, m_offs, M, K, k0, packed_ptr, scale_ptr, zp_ptr, gidx_ptr, n_offs,
-                    N, KW, G, BITS, GROUP_SIZE, GROUP_MODE, HAS_ZP, BLOCK_N, BLOCK_K, USE_DOT, DOT_DTYPE,
-                    INPUT_PRECISION)
+        if GEMV:
+            acc_words += _gemv_tile(x_row, K, k0, packed_ptr, scale_ptr, zp_ptr, n_offs, N, KW, G, BITS,
+                                    GROUP_SIZE, HAS_ZP, BLOCK_N, BLOCK_K, EVEN_K)
+        else:
+            acc = _tile(acc, x_ptr, stride_xm, m_offs, M, K, k0, packed_ptr, scale_ptr, zp_ptr, gidx_ptr, n_offs,
+                        N, KW, G, BITS, GROUP_SIZE, GROUP_MODE, HAS_ZP, BLOCK_N, BLOCK_K, USE_DOT, DOT_DTYPE,
+                        INPUT_PRECISION)
+    if GEMV:
+        acc = tl.sum(acc_words, axis=1)[None, :]                                   # (1, BLOCK_N)
     _store_output(acc, bias_ptr, out_ptr, m_offs, n_offs, M, N, stride_om, pid_k, HAS_BIAS, SPLIT_K)
 
 
@@ -243,7 +310,8 @@ def dequant_matmul(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, 
         BITS=bits, GROUP_SIZE=group_size or 0, GROUP_MODE=_group_mode(group_size, g_idx, config.block_k),
         HAS_ZP=zero_point is not None, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=config.block_n,
         BLOCK_K=config.block_k, GROUP_M=config.group_m, SPLIT_K=split_k, DOT_DTYPE=dot_dtype,
-        INPUT_PRECISION=precision, num_warps=config.num_warps, num_stages=config.num_stages)
+        INPUT_PRECISION=precision, EVEN_K=K % config.block_k == 0, num_warps=config.num_warps,
+        num_stages=config.num_stages)
     if split_k > 1:
         result.copy_(acc)
     return result

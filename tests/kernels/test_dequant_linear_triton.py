@@ -67,6 +67,22 @@ def test_real_llama3_8b_shapes(m, n, k, triton_device):
     assert rel_err(y, case.reference(x)) < REL_TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("k", [256, 200])
+def test_one_token_per_word_path(bits, symmetric, k, triton_device):
+    """M = 1 with K tiles inside one group (the decode GEMV: per-word sums, codes decoded in place in
+    the mantissa of 2^23): every code position of a word, zero points, full tiles (K = 256, no
+    column masks) and a partial last tile and group (K = 200)."""
+    case = make_case(40, k, bits=bits, group_size=64, symmetric=symmetric, dtype=torch.float32,
+                     device=triton_device, seed=bits)
+    x = torch.randn(1, k, device=triton_device)
+    for cfg in (tuning.KernelConfig("splitk", 1, 32, 64, 2), tuning.KernelConfig("splitk", 1, 64, 64, 1)):
+        y = dequant_linear(x, case.packed, case.scale, case.zero_point, case.bias, backend="triton", config=cfg,
+                           **case.meta)
+        assert rel_err(y, case.reference(x)) < REL_TOL[torch.float32], cfg.name
+
+
 def test_an_all_zero_group_contributes_nothing(triton_device):
     """Group 0 of every row holds codes equal to its zero point (an all-zero weight group): whatever
     the activations in its columns, the output must not change, not even by rounding."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import rel_err, triton_device  # noqa: F401  (fixture)
+from kernel_cases import CUDA, rel_err, triton_device  # noqa: F401  (fixture)
 
 from compress.kernels.act_quant import quantize_activations_reference
 from compress.kernels.w8a8_linear import (_int_mm, _scaled_mm, expand_block_scale, native_plan, w8a8_dequant_weight,
@@ -168,3 +168,18 @@ def test_reference_and_refusals():
         w8a8_linear(x, w, s, None, b, kind="fp8", act="group", block=128)
     with pytest.raises(ValueError, match="features"):
         w8a8_linear(x[:, :32], w, s, None, b, kind="fp8", act="token")
+
+
+@pytest.mark.skipif(not CUDA, reason="real layer shapes run on the GPU only (the interpreter is too slow)")
+@pytest.mark.parametrize("m", [1, 16, 4096])
+@pytest.mark.parametrize("kind,act,block,scale", SCHEMES[:5])
+def test_real_llama3_8b_shapes(kind, act, block, scale, m):
+    """``backend="auto"`` as a model runs it on the GPU (the fused activation quantization, then
+    ``torch._scaled_mm`` / ``torch._int_mm`` / our GEMM as ``native_plan`` decides) at Llama-3-8B's
+    o_proj shape, against the reference computed on the same GPU."""
+    x, w, s, ins, b = _args(kind, act, block, scale, m, 4096, 4096, torch.bfloat16, "cuda")
+    meta = dict(kind=kind, act=act, block=block, group_size=_group(act, block))
+    y = w8a8_linear(x, w, s, ins, b, backend="auto", **meta)
+    ref = w8a8_linear_reference(x, w, s, ins, b, **meta)
+    assert y.shape == (m, 4096) and y.dtype == torch.bfloat16
+    assert rel_err(y, ref) < W8A8_TOL[torch.bfloat16]
