@@ -127,7 +127,8 @@ def _fp4_gemv(k: int, n: int, target: float) -> Case:
     args = dict(x_ptr="*bf16", words_ptr="*i32", scale_ptr="*u8", gscale_ptr="*fp32", bias_ptr="*bf16",
                 out_ptr="*fp32", M=1, N=n, K=k, KW=k // 8, G=k // 16, stride_xm=k, stride_om=n, k_per_split=k // split)
     consts = dict(IS_NV=True, SCALE_BLOCK=16, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                  GROUP_M=cfg.group_m, SPLIT_K=split, DOT_DTYPE=tl.bfloat16, INPUT_PRECISION="ieee")
+                  GROUP_M=cfg.group_m, SPLIT_K=split, DOT_DTYPE=tl.bfloat16, INPUT_PRECISION="ieee",
+                  X_WORDS=True, EVEN=k % cfg.block_k == 0 and n % cfg.block_n == 0)
     return Case(f"nvfp4_m1_k{k}_n{n}", "fp4_linear_triton:_fp4_matmul_kernel", args, consts, cfg.num_warps,
                 cfg.num_stages, bytes_per_iter=cfg.block_n * cfg.block_k // 2 + cfg.block_n * cfg.block_k // 16,
                 iterations=(n // cfg.block_n) * (k // cfg.block_k), ctas=(n // cfg.block_n) * split,
@@ -187,7 +188,8 @@ def _kv_decode(fmt: str, target: float) -> Case:
                 stride_kn=0 if fp8 else d, stride_vb=0 if fp8 else h * length * ng, stride_vh=0 if fp8 else length * ng,
                 stride_vt=0 if fp8 else ng, stride_rb=h * res * d, stride_rh=res * d, stride_rt=d)
     consts = dict(GROUP=hq // h, NG=ng, QH=dt.rows(hq // h, ng), D=d, BITS=bits, FP8=fp8, GROUP_SIZE=group,
-                  BLOCK_N=block_n, QUANT_DTYPE=tl.float16, RES_DTYPE=tl.bfloat16, CODE_OFFSET=dt.code_offset(tl.float16))
+                  BLOCK_N=block_n, QUANT_DTYPE=tl.float16, RES_DTYPE=tl.bfloat16, CODE_OFFSET=dt.code_offset(tl.float16),
+                  WORDS=not fp8)                                # as the launcher, for aligned caches
     if fp8:
         per_token = 2 * d                                         # key + value codes
     else:

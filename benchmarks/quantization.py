@@ -73,6 +73,8 @@ def w8a8_settings() -> dict:
         "int8-w8a8-rtn": compress.RTNConfig(scheme="w8a8-int8"),
         "sq-int8-w8a8-rtn": [sq, compress.RTNConfig(scheme="w8a8-int8")],
         "sq-int8-w8a8-gptq": [sq, compress.GPTQConfig(scheme="w8a8-int8")],
+        "sq-int8-w8a8-gptq-minmax": [sq, compress.GPTQConfig(scheme="w8a8-int8", observer="minmax")],
+        "sq05-int8-w8a8-gptq": [compress.SmoothQuantConfig(alpha=0.5), compress.GPTQConfig(scheme="w8a8-int8")],
         "gptq-w4g64-sym": SETTINGS["gptq-w4g64-sym"],
         "awq-w4g64-rtn": [awq, compress.RTNConfig(bits=4, group_size=64, symmetric=True)],
         "awq-w4g64-gptq": [awq, compress.GPTQConfig(bits=4, group_size=64, symmetric=True)],
@@ -82,7 +84,7 @@ def w8a8_settings() -> dict:
 
 
 W8A8_NAMES = {"fp8-rtn", "fp8-block-rtn", "fp8-static-rtn", "fp8-gptq", "fp8-block-gptq", "fp8-static-gptq", "int8-w8a8-rtn", "sq-int8-w8a8-rtn",
-              "sq-int8-w8a8-gptq", "awq-w4g64-rtn", "awq-w4g64-gptq", "awq-noclip-w4g64-gptq"}
+              "sq-int8-w8a8-gptq", "sq-int8-w8a8-gptq-minmax", "sq05-int8-w8a8-gptq", "awq-w4g64-rtn", "awq-w4g64-gptq", "awq-noclip-w4g64-gptq"}
 
 
 def ideal_bytes(model) -> int:

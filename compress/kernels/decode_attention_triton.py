@@ -25,18 +25,22 @@ group of the integer format gets its own copy of the heads, and the store keeps 
 for the output channels of group g. One dot then serves every value group (see below), in rows
 that would otherwise be padding. fp8 and the residual have one group: rows are the heads.
 
-**Inside an integer tile.** No reshape of the code tiles (which made Triton shuffle every code
-through shared memory) and no int-to-float conversions (1/8 of the FMA rate on sm_80/sm_90):
+**Inside an integer tile.** No int-to-float conversions (1/8 of the FMA rate on sm_80/sm_90), and
+codes are built two per integer operation:
 
-- A tile's columns are in *code order*: column c holds code j = c // (D/PER) of byte i = c % (D/PER),
-  channel PER*i + j. A (BLOCK_N, D) tile therefore loads each byte PER times (the duplicate
-  addresses coalesce: each byte leaves DRAM once, ``evict_first``) and unpacks with one shift per
-  column, elementwise from the load to ``tl.dot``. The query, the key scales and the output use
-  the same column order (the output is stored through it).
+- A tile's columns are in *code order* (``_code_order``): columns 2r and 2r + 1 hold code j of
+  bytes 4w + k and 4w + k + 2 (r = 2*PER*w + PER*k + j, PER = 8 // BITS codes per byte, k = 0, 1),
+  the two codes that sit 16 bits apart in int32 word w of the token's row. The query, the key
+  scales and the output use the same column order (the output is stored through it).
 - Quantized tiles use fp16 ``tl.dot`` operands whenever the query is 16-bit (``dot_dtypes``). Codes
   become exact fp16 operands by or-ing them into the mantissa of 1024.0; the offset 1024 is removed
-  once per row of each product (from the same rounded operands, so it cancels exactly). float32
-  operands go through the float32 mantissa of 2^23 instead.
+  once per row of each product (from the same rounded operands, so it cancels exactly). With the
+  rows read as int32 words (``_code_pairs``; each byte leaves DRAM once, ``evict_first``), one
+  shift and one mask-or per pair give the fp16x2 bit pattern of columns 2r, 2r + 1 directly
+  (``(word >> shift) & mask | 0x64006400``), and joins and reshapes that only rename registers
+  lay the pairs out as a (BLOCK_N, D) tile. Rows that are not 4-byte aligned (``_word_rows``) and
+  float32 operands load each column's byte (PER times; the duplicate addresses coalesce) with one
+  shift per column; float32 operands go through the float32 mantissa of 2^23 instead.
 - Keys: BLOCK_N divides G and tiles start on multiples of BLOCK_N, so a tile lies in one key
   block: ``q.(c*s + m) = (q*s).c + q.m``. The block's scale row goes into the query, ``tl.dot`` runs
   on the codes and ``q.m`` is one float32 term per row and tile.
@@ -55,10 +59,11 @@ query shares it, float32 ("ieee") otherwise and for bf16 under Triton 3.9's inte
 arithmetic is wrong). Softmax, accumulators and partials are float32.
 
 **Cost, compiled offline for sm_90 (Llama-3-8B: D = 128, 4 query heads per KV head, 2 value groups,
-BLOCK_N = 64, 4 warps):** per cached token about 78 warp instructions for int4 and int2, 67 for
-int8, 64 for fp8 and 19 for the bf16 residual; 160-230 registers, no spills (16-bit queries, sm_80
-and sm_90, head_dim 16..256). The integer paths are issue-bound rather than bandwidth-bound on an
-H100 by that count (see docs/kernels.md).
+BLOCK_N = 64, 4 warps):** per cached token about 59 warp instructions for int4 and int2 (78 before
+the fp16x2 code pairs), 67 for int8, 63 for fp8 and 19 for the bf16 residual; 160-230 registers, no
+spills (16-bit queries, sm_80 and sm_90, head_dim 16..256). By that count the int4 and int2 paths
+are still issue-bound on an H100, at about 2.65x bf16 against 3.5x (int4) and 6.3x (int2) for their
+bytes (docs/kernel-budget.md).
 
 Importing this module imports Triton; ``compress.kernels`` imports it only when first needed.
 """
@@ -78,17 +83,75 @@ FP8_FP16_SHIFT = tl.constexpr(256.0)   # the fp16 pattern of an E4M3 code holds 
 
 @triton.jit
 def _code_order(BITS: tl.constexpr, D: tl.constexpr):
-    """Column c of an integer tile -> (byte, shift, channel): code j = c // (D/PER) of byte
-    i = c % (D/PER) is channel PER*i + j, PER = 8 // BITS."""
+    """Column c of an integer tile -> (byte, shift, channel), PER = 8 // BITS codes per byte.
+
+    int4/int2: the order of ``_code_pairs``. Columns 2r and 2r + 1 (r = R*w + k*PER + j, R = 2*PER
+    pairs per int32 word w of a token's row, k = 0, 1, j = 0 .. PER-1) hold code j of bytes
+    4w + k and 4w + k + 2: the two codes that sit 16 bits apart in word w, so one shift and one
+    mask-or make both fp16 operands. int8: channel order."""
     PER: tl.constexpr = 8 // BITS
-    DB: tl.constexpr = D // PER
     c = tl.arange(0, D)
-    return c % DB, (c // DB) * BITS, (c % DB) * PER + c // DB
+    if PER == 1:
+        ch = c % D
+        byte = ch
+        shift = (c // D) * BITS
+    else:
+        R: tl.constexpr = 2 * PER
+        r = (c // 2) % R
+        ch = PER * (4 * (c // (2 * R)) + r // PER + 2 * (c % 2)) + r % PER
+        byte = ch // PER
+        shift = (ch % PER) * BITS
+    return byte, shift, ch
+
+
+@triton.jit
+def _join_tree(p, R: tl.constexpr):
+    """Tensors p[0 .. R-1] (R = 2, 4, 8) of one shape -> one tensor (..., R) with p[i] at i."""
+    if R == 2:
+        out = tl.join(p[0], p[1])
+    elif R == 4:
+        out = tl.join(tl.join(p[0], p[2]), tl.join(p[1], p[3]))                 # [.., y, x] = p[2y + x]
+    else:
+        out = tl.join(tl.join(tl.join(p[0], p[4]), tl.join(p[2], p[6])),
+                      tl.join(tl.join(p[1], p[5]), tl.join(p[3], p[7])))         # [.., z, y, x] = p[4z + 2y + x]
+    return out
+
+
+@triton.jit
+def _code_pairs(ptr, t, ok, stride_t, BITS: tl.constexpr, D: tl.constexpr):
+    """(BLOCK_N, D) fp16 operands ``1024 + code`` of tokens t in ``_code_order``, two codes per
+    integer operation: the rows are read as int32 words (each byte once), and for each of the
+    R = 2*PER pairs of a word, ``((word >> shift) & (M | M << 16)) | 0x64006400`` is the fp16x2 bit
+    pattern of codes j of bytes k and k + 2 (a shift and a mask-or, no per-code extraction)."""
+    PER: tl.constexpr = 8 // BITS
+    R: tl.constexpr = 2 * PER
+    NW: tl.constexpr = D // PER // 4                                     # int32 words per token
+    M: tl.constexpr = ((1 << BITS) - 1) * 65537
+    w = tl.load(ptr.to(tl.pointer_type(tl.int32)) + t[:, None] * (stride_t // 4) + tl.arange(0, NW)[None, :],
+                mask=ok[:, None], other=0, eviction_policy="evict_first")     # (BLOCK_N, NW)
+    p = ()
+    for r in tl.static_range(R):
+        p = p + (((w >> (8 * (r // PER) + BITS * (r % PER))) & M) | 0x64006400,)
+    q = tl.reshape(_join_tree(p, R), (t.shape[0], D // 2))                  # pair R*w + r
+    h = tl.join(q.to(tl.int16), (q >> 16).to(tl.int16))                      # (BLOCK_N, D/2, 2): low, high half
+    return tl.reshape(h, (t.shape[0], D)).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _code_tile(ptr, t, ok, stride_t, byte, shift, BITS: tl.constexpr, D: tl.constexpr,
+               CODE_OFFSET: tl.constexpr, DOT_DTYPE: tl.constexpr, WORDS: tl.constexpr):
+    """The ``tl.dot`` operand (BLOCK_N, D) of codes + CODE_OFFSET in ``_code_order``."""
+    if WORDS and CODE_OFFSET == 1024 and BITS < 8:
+        op = _code_pairs(ptr, t, ok, stride_t, BITS, D)
+    else:
+        op = _code_operand(_load_codes(ptr, t, ok, stride_t, byte, shift, BITS), CODE_OFFSET, DOT_DTYPE)
+    return op
 
 
 @triton.jit
 def _load_codes(ptr, t, ok, stride_t, byte, shift, BITS: tl.constexpr):
-    """(BLOCK_N, D) int32 codes of tokens t in code order (one shift per column, no reshape)."""
+    """(BLOCK_N, D) int32 codes of tokens t in code order, each column's byte loaded and shifted
+    (one shift per column): the path for unaligned rows and float32 operands."""
     b = tl.load(ptr + t[:, None] * stride_t + byte[None, :], mask=ok[:, None], other=0,
                 eviction_policy="evict_first")
     return (b.to(tl.int32) >> shift[None, :]) & ((1 << BITS) - 1)
@@ -126,7 +189,7 @@ def _softmax_step(s, m_i, l_i, acc, acc_row):
 def _int_tiles(q_ptr, stride_qh, t_start, t_end, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, stride_ct,
                stride_kn, stride_vt, qk_scale, head, group, row_ok, BITS: tl.constexpr,
                GROUP_SIZE: tl.constexpr, QH: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-               DOT_DTYPE: tl.constexpr, CODE_OFFSET: tl.constexpr):
+               DOT_DTYPE: tl.constexpr, CODE_OFFSET: tl.constexpr, WORDS: tl.constexpr):
     """Online softmax over integer-quantized tokens t_start .. t_end of one (sequence, KV head).
     Rows (QH,): query ``head`` and value ``group``; output columns in ``_code_order``."""
     byte, shift, ch = _code_order(BITS, D)                                              # (D,) each
@@ -142,7 +205,7 @@ def _int_tiles(q_ptr, stride_qh, t_start, t_end, kc_ptr, ks_ptr, km_ptr, vc_ptr,
         blk = t0 // GROUP_SIZE
         ks = tl.load(ks_ptr + blk * stride_kn + ch).to(tl.float32)                      # (D,)
         km = tl.load(km_ptr + blk * stride_kn + ch).to(tl.float32)
-        kq = _code_operand(_load_codes(kc_ptr, t, ok, stride_ct, byte, shift, BITS), CODE_OFFSET, DOT_DTYPE)
+        kq = _code_tile(kc_ptr, t, ok, stride_ct, byte, shift, BITS, D, CODE_OFFSET, DOT_DTYPE, WORDS)
         qs = (q * ks[None, :]).to(DOT_DTYPE)                                            # (QH, D)
         s = tl.dot(qs, tl.trans(kq), input_precision="ieee")                            # (QH, BLOCK_N)
         if CODE_OFFSET != 0:
@@ -156,7 +219,7 @@ def _int_tiles(q_ptr, stride_qh, t_start, t_end, kc_ptr, ks_ptr, km_ptr, vc_ptr,
         vs = tl.load(vs_ptr + t[None, :] * stride_vt + group[:, None], mask=vmask, other=0.0)  # (QH, BLOCK_N)
         vm = tl.load(vm_ptr + t[None, :] * stride_vt + group[:, None], mask=vmask, other=0.0)
         a = (p * vs.to(tl.float32)).to(DOT_DTYPE)
-        vq = _code_operand(_load_codes(vc_ptr, t, ok, stride_ct, byte, shift, BITS), CODE_OFFSET, DOT_DTYPE)
+        vq = _code_tile(vc_ptr, t, ok, stride_ct, byte, shift, BITS, D, CODE_OFFSET, DOT_DTYPE, WORDS)
         acc = tl.dot(a, vq, acc, input_precision="ieee")                                # (QH, D)
         if CODE_OFFSET != 0:
             acc_row += tl.sum(p * vm.to(tl.float32) - CODE_OFFSET * a.to(tl.float32), 1)
@@ -217,7 +280,7 @@ def _split_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kr_ptr,
                   stride_vb, stride_vh, stride_vt, stride_rb, stride_rh, stride_rt,
                   GROUP: tl.constexpr, NG: tl.constexpr, QH: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
                   FP8: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, QUANT_DTYPE: tl.constexpr,
-                  RES_DTYPE: tl.constexpr, CODE_OFFSET: tl.constexpr):
+                  RES_DTYPE: tl.constexpr, CODE_OFFSET: tl.constexpr, WORDS: tl.constexpr = False):
     pid_b = tl.program_id(0).to(tl.int64)
     pid_h = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -245,7 +308,7 @@ def _split_kernel(q_ptr, kc_ptr, ks_ptr, km_ptr, vc_ptr, vs_ptr, vm_ptr, kr_ptr,
             m_i, l_i, acc = _int_tiles(q_head0, stride_qh, t_start, t_end, kc_ptr + codes, ks_ptr + kscales,
                                        km_ptr + kscales, vc_ptr + codes, vs_ptr + vscales, vm_ptr + vscales,
                                        stride_ct, stride_kn, stride_vt, qk_scale, head, group, row_ok, BITS,
-                                       GROUP_SIZE, QH, D, BLOCK_N, QUANT_DTYPE, CODE_OFFSET)
+                                       GROUP_SIZE, QH, D, BLOCK_N, QUANT_DTYPE, CODE_OFFSET, WORDS)
             out_ch = _code_order(BITS, D)[2]
             out_group = out_ch // (D // NG)
     else:
@@ -357,6 +420,15 @@ def _quant_args(q: torch.Tensor, kv: QuantizedKVLike, heads: int) -> tuple[list,
     return [kc, ks, km, vc, vs, vm], [*kc.stride()[:3], *ks.stride()[:3], *vs.stride()[:3]]
 
 
+def _word_rows(kc: torch.Tensor, vc: torch.Tensor, kv: QuantizedKVLike) -> bool:
+    """Whether the integer code rows can be read as int32 words: 4-byte aligned tensors, strides
+    and rows (``_code_pairs``)."""
+    if kv.fp8 or kv.length == 0:
+        return False
+    return (all(t.data_ptr() % 4 == 0 for t in (kc, vc)) and all(st % 4 == 0 for st in kc.stride()[:3])
+            and kc.shape[-1] % 4 == 0)
+
+
 def decode_attention(q: torch.Tensor, kv: QuantizedKVLike, scale: float, *, num_splits: int | None = None,
                      block_n: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """(B, Hq, D) attention output in q's dtype with two launches (splits, combine). ``num_splits``:
@@ -392,7 +464,7 @@ def decode_attention(q: torch.Tensor, kv: QuantizedKVLike, scale: float, *, num_
         float(scale) * LOG2E, q.stride(0), q.stride(1), *strides, *res_strides,
         GROUP=hq // h, NG=value_groups, QH=rows(hq // h, value_groups), D=d, BITS=kv.bits, FP8=kv.fp8,
         GROUP_SIZE=kv.group_size, BLOCK_N=block_n, QUANT_DTYPE=quant_dtype, RES_DTYPE=res_dtype,
-        CODE_OFFSET=code_offset(quant_dtype),
+        CODE_OFFSET=code_offset(quant_dtype), WORDS=_word_rows(ptrs[0], ptrs[3], kv),
         num_warps=4, num_stages=2)
     _combine_kernel[(b * hq,)](partial_o, partial_lse, out, splits, D=d,
                                BLOCK_S=min(16, triton.next_power_of_2(splits)), num_warps=4)

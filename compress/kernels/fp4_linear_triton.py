@@ -15,26 +15,38 @@ they are:
 
 The weight is ``e2m1(code) * scale / global`` (NVFP4) or ``e2m1(code) * 2^(e - 127)`` (MXFP4).
 
-**Decoding, two codes per integer operation.** At one token a W4A16 matmul brings one FMA per
-weight, and the decode is what competes with memory bandwidth (an H100 issues 64 int32 operations
-per SM per clock, half its float32 rate). Codes ``j`` and ``j + 4`` of a word sit 16 bits apart, so
-one shift by ``4j``, two masks and an or build both codes' fp16 bit patterns at once: sign to bit
-15, the magnitude bits ``e1 e0 m`` to bits 9-11. That fp16 number is exactly ``e2m1 * 2^-14``
-(E2M1's subnormal 0.5 lands on fp16's subnormal), and widening it to float32 is exact (one
-``HADD2.F32`` per code on sm_90); the 2^-14 is folded into the block scale (times 2^14, exact). No table, no gather. Activations are loaded in the matching column order, so every
+**Decoding, two codes per integer operation** (the ``tl.dot`` schedules and the dequantize kernel;
+the one-token schedule decodes to float32 instead, see below). At one token a W4A16 matmul brings
+one FMA per weight, and the decode is what competes with memory bandwidth (an H100 issues 64 int32
+operations per SM per clock, half its float32 rate). Codes ``j`` and ``j + 4`` of a word sit 16
+bits apart, so one shift by ``4j``, two masks and an or build both codes' fp16 bit patterns at
+once: sign to bit 15, the magnitude bits ``e1 e0 m`` to bits 9-11. That fp16 number is exactly
+``e2m1 * 2^-14`` (E2M1's subnormal 0.5 lands on fp16's subnormal), and widening it to float32 is
+exact (one ``HADD2.F32`` per code on sm_90); the 2^-14 is folded into the block scale (times 2^14,
+exact). No table, no gather. Activations are loaded in the matching column order, so every
 product pairs the right activation and weight and the sum over K is unchanged.
 
 **Block scales, applied once per block.** A scale block (16 or 32 columns, 2 or 4 words) is
 narrower than any K tile (64..256), so a tile holds BLOCK_K / 16 (or / 32) blocks. Two cases:
 
-- ``BLOCK_M = 1`` (split-K, one token, CUDA cores): for j = 0..3 the codes ``8w + j`` and
-  ``8w + 4 + j`` of every word are decoded as two (BLOCK_N, BLOCK_K/8) tiles in the words' own
-  register layout and multiplied into a per-word float32 sum with x (two FMA chains); the per-word
-  sums of a block are added (in-thread: a 16-byte load holds 4 words) and multiplied by the block's
-  scale, one multiply per block and not per weight; the (BLOCK_N, BLOCK_K/16) block sums are
-  accumulated across K tiles and reduced across blocks once, after the loop. No shuffles and no
-  shared memory in the loop: compiled offline for sm_90 the loop is about 7 SASS instructions per
-  weight (the int4 kernel's M = 1 loop: about 21, mostly shuffles of its per-tile reduction).
+- ``BLOCK_M = 1`` (split-K, one token, CUDA cores): the fp16 route above would need one
+  ``HADD2.F32`` per code plus the ``PRMT`` Triton adds to re-pack fp16 halves, so this schedule
+  decodes straight to float32 (``_e2m1_f32_pair``): two shifts and a mask-or per pair of codes put
+  sign and ``e1 e0 m`` where a bf16 pair keeps them, and each half read as the top of a float32 is
+  exactly ``e2m1 * 2^-126`` (e = 0 lands on float32 subnormals, as E2M1's 0.5 lands on fp16's).
+  The activations are multiplied by 2^100 once per column (shared by the rows a thread holds), so
+  each product is ``x * e2m1 * 2^-26``, exact; the 2^26 comes back once per output after the loop.
+  bf16 activations are read as int32 pairs and widened by a shift or a mask (X_WORDS). For
+  j = 0..3 the codes ``8w + j`` and ``8w + 4 + j`` of every word go into a per-word float32 sum
+  with x (two FMA chains) in the words' own register layout; the per-word sums of a block are
+  added (in-thread) and multiplied by the block's scale, one multiply per block and not per
+  weight; the (BLOCK_N, BLOCK_K/16) block sums are accumulated across K tiles and reduced across
+  blocks once, after the loop. With EVEN (N and K multiples of the tile) the loop has no masks.
+  No shuffles and no shared memory in the loop: compiled offline for sm_90 (Llama-3-8B shapes,
+  ``splitk_m1n64k128s8w4p3``) the loop is 368 SASS instructions per warp for 64 weights per thread,
+  about 5.75 per weight (docs/kernel-budget.md). Limits of the 2^100: activations of magnitude
+  2^28 (2.7e8) or more overflow, and products below 2^-100 in magnitude round as float32
+  subnormals (absolute error under 2^-149 * 2^26 each).
 - ``BLOCK_M >= 16`` (``tl.dot``): on the tensor cores one K = 16 slice is one MMA k-step, so
   scaling after the MMA would need a separate accumulator or dot per block and a (BLOCK_M, BLOCK_N)
   multiply per block: as many multiplies as scaling the weight, and more MMA issue overhead.
@@ -78,6 +90,10 @@ from .tuning import KernelConfig
 
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FP16_SUBNORMAL_SHIFT = tl.constexpr(16384.0)   # 2^14: the fp16 bits of a code hold e2m1 * 2^-14
+# One token (BLOCK_M = 1): codes decode to e2m1 * 2^-126 (float32, subnormal for e = 0) and the
+# activations are multiplied by 2^100, so products carry 2^-26, undone in the block scale (exact).
+X_PRESCALE = tl.constexpr(2.0 ** 100)
+F32_SUBNORMAL_SHIFT = tl.constexpr(2.0 ** 26)
 
 
 @triton.jit
@@ -93,11 +109,10 @@ def _e2m1_pair(t):
 @triton.jit
 def _e4m3_value(b):
     """float32 values of float8_e4m3fn bits (int32, 0..255), exact; 0x7F/0xFF (NaN) never occur."""
-    mag = b & 0x7F
-    normal = ((mag << 20) + (120 << 23)).to(tl.float32, bitcast=True)    # 2^(e-7) * (1 + m/8)
-    subnormal = (b & 7).to(tl.float32) * 0.001953125                       # m * 2^-9
-    v = tl.where(mag >= 8, normal, subnormal)
-    return tl.where(b >= 128, -v, v)
+    # Sign to bit 31, exponent and mantissa to bits 20-26: the float32 e4m3 * 2^-120 (e = 0 lands
+    # on float32 subnormals), times 2^120 (exact).
+    bits = ((b & 0x80) << 24) | ((b & 0x7F) << 20)
+    return bits.to(tl.float32, bitcast=True) * 1.329227995784915872903807060280344576e36
 
 
 @triton.jit
@@ -107,30 +122,37 @@ def _e8m0_value(e):
 
 
 @triton.jit
-def _load_words(words_ptr, n_offs, k0, N, KW, BLOCK_K: tl.constexpr):
-    """int32 words (BLOCK_N, BLOCK_K/8) of columns k0 .. k0+BLOCK_K; 0 outside the matrix."""
+def _load_words(words_ptr, n_offs, k0, N, KW, BLOCK_K: tl.constexpr, EVEN: tl.constexpr = False):
+    """int32 words (BLOCK_N, BLOCK_K/8) of columns k0 .. k0+BLOCK_K; 0 outside the matrix (EVEN:
+    every tile lies inside the matrix, no mask)."""
     kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-    mask = (n_offs[:, None] < N) & (kw[None, :] < KW)
+    ptrs = words_ptr + n_offs[:, None].to(tl.int64) * KW + kw[None, :]
     # Each packed word is loaded once and streamed: weights are never reused within a call.
-    return tl.load(words_ptr + n_offs[:, None].to(tl.int64) * KW + kw[None, :], mask=mask, other=0,
-                   eviction_policy="evict_first")
+    if EVEN:
+        return tl.load(ptrs, eviction_policy="evict_first")
+    return tl.load(ptrs, mask=(n_offs[:, None] < N) & (kw[None, :] < KW), other=0, eviction_policy="evict_first")
 
 
 @triton.jit
 def _load_scales(scale_ptr, n_offs, k0, N, G, IS_NV: tl.constexpr, SCALE_BLOCK: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+                 BLOCK_K: tl.constexpr, EVEN: tl.constexpr = False):
     """float32 block scales (BLOCK_N, BLOCK_K/SCALE_BLOCK): the E4M3 value (NVFP4, global divisor
-    not applied) or 2^(e - 127) (MXFP4); 0 outside the matrix."""
+    not applied) or 2^(e - 127) (MXFP4); 0 outside the matrix (EVEN: no mask, all inside)."""
     g = k0 // SCALE_BLOCK + tl.arange(0, BLOCK_K // SCALE_BLOCK)
     mask = (n_offs[:, None] < N) & (g[None, :] < G)
-    bits = tl.load(scale_ptr + n_offs[:, None].to(tl.int64) * G + g[None, :], mask=mask, other=0,
-                   eviction_policy="evict_first").to(tl.int32)
+    ptrs = scale_ptr + n_offs[:, None].to(tl.int64) * G + g[None, :]
+    if EVEN:
+        bits = tl.load(ptrs, eviction_policy="evict_first").to(tl.int32)
+    else:
+        bits = tl.load(ptrs, mask=mask, other=0, eviction_policy="evict_first").to(tl.int32)
     if IS_NV:
         s = _e4m3_value(bits)
     else:
         s = _e8m0_value(bits)
     # Out-of-matrix codes are 0 anyway; the select also anchors a layout that saves a third of
     # the tl.dot schedules' instructions on sm_90 (ptxas output compared offline).
+    if EVEN:
+        return s
     return tl.where(mask, s, 0.0)
 
 
@@ -163,18 +185,60 @@ def _scaled_halves(words, s, SCALE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, B
 
 
 @triton.jit
-def _gemv_tile(x_row, K, words, k0, BLOCK_K: tl.constexpr):
-    """Sum over each word's 8 columns of ``x * e2m1 * 2^-14``: (BLOCK_N, BLOCK_K/8) float32, in the
-    words' own layout (no data movement; the block reduction that follows stays in-thread)."""
+def _e2m1_f32_pair(words, J: tl.constexpr):
+    """``e2m1 * 2^-126`` (float32, exact) of codes ``8w + J`` and ``8w + 4 + J`` of int32 ``words``
+    (bits 4J .. 4J+3 and 16+4J .. 19+4J), with no conversion instruction. Two shifts and a
+    mask-or put both codes where a bf16 pair keeps sign and ``e1 e0 m`` (bits 15 and 6-8 of each
+    half); each half read as the top of a float32 is ``s << 31 | e1 e0 m << 22``: exponent field e
+    and mantissa m/2, so ``2^(e-127) (1 + m/2)`` for e > 0 and the subnormal ``m * 2^-127`` for
+    e = 0, both ``e2m1 * 2^-126``. The low half moves up with one shift, the high half is masked."""
+    if J < 2:
+        mag = words << (6 - 4 * J)
+    else:
+        mag = words >> (4 * J - 6)              # arithmetic: the bits it fills are masked off
+    pair = (mag & 0x01C001C0) | ((words << (12 - 4 * J)) & -2147450880)   # 0x80008000
+    lo = (pair << 16).to(tl.float32, bitcast=True)
+    hi = (pair & -65536).to(tl.float32, bitcast=True)                     # 0xFFFF0000
+    return lo, hi
+
+
+@triton.jit
+def _x_columns(x_row, K, wcol, X_WORDS: tl.constexpr, EVEN: tl.constexpr):
+    """Activations of columns ``wcol + j``, j = 0..7 (eight (BLOCK_K/8,) float32 vectors) times
+    X_PRESCALE. X_WORDS (bf16 rows, 4-byte aligned): four int32 loads of bf16 pairs per word column,
+    each bf16 widened by a shift or a mask (no conversion, half the loads)."""
+    xs = ()
+    if X_WORDS:
+        xw = x_row.to(tl.pointer_type(tl.int32)) + wcol // 2
+        for q in tl.static_range(4):
+            if EVEN:
+                w = tl.load(xw + q, eviction_policy="evict_last")
+            else:
+                w = tl.load(xw + q, mask=wcol < K - 2 * q, other=0, eviction_policy="evict_last")
+            xs = xs + ((w << 16).to(tl.float32, bitcast=True) * X_PRESCALE,
+                       (w & -65536).to(tl.float32, bitcast=True) * X_PRESCALE)
+    else:
+        for j in tl.static_range(8):
+            if EVEN:
+                v = tl.load(x_row + wcol + j, eviction_policy="evict_last")
+            else:
+                v = tl.load(x_row + wcol + j, mask=wcol < K - j, other=0.0, eviction_policy="evict_last")
+            xs = xs + (v.to(tl.float32) * X_PRESCALE,)
+    return xs
+
+
+@triton.jit
+def _gemv_tile(x_row, K, words, k0, BLOCK_K: tl.constexpr, X_WORDS: tl.constexpr, EVEN: tl.constexpr):
+    """Sum over each word's 8 columns of ``x * 2^100 * e2m1 * 2^-126``: (BLOCK_N, BLOCK_K/8) float32,
+    in the words' own layout (no data movement; the block reduction that follows stays in-thread).
+    Every product is exact (a bf16 significand times a 2-bit one) unless ``|x * e2m1| < 2^-100``."""
     wcol = k0 + tl.arange(0, BLOCK_K // 8) * 8                          # first column of each word
-    xmask = wcol < K
+    xs = _x_columns(x_row, K, wcol, X_WORDS, EVEN)
     acc = tl.zeros(words.shape, dtype=tl.float32)
     for j in tl.static_range(4):
-        lo, hi = _e2m1_pair(words >> (4 * j))                              # columns 8w + j, 8w + 4 + j
-        x_lo = tl.load(x_row + wcol + j, mask=xmask, other=0.0, eviction_policy="evict_last").to(tl.float32)
-        x_hi = tl.load(x_row + wcol + 4 + j, mask=xmask, other=0.0, eviction_policy="evict_last").to(tl.float32)
-        acc += lo * x_lo[None, :]                                          # two FMA chains
-        acc += hi * x_hi[None, :]
+        lo, hi = _e2m1_f32_pair(words, j)                                  # columns 8w + j, 8w + 4 + j
+        acc += lo * xs[j][None, :]                                         # two FMA chains
+        acc += hi * xs[j + 4][None, :]
     return acc
 
 
@@ -183,7 +247,8 @@ def _fp4_matmul_kernel(x_ptr, words_ptr, scale_ptr, gscale_ptr, bias_ptr, out_pt
                        M, N, K, KW, G, stride_xm, stride_om, k_per_split,
                        IS_NV: tl.constexpr, SCALE_BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                       SPLIT_K: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                       SPLIT_K: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                       X_WORDS: tl.constexpr = False, EVEN: tl.constexpr = False):
     # Program -> (m tile, n tile) in bands of GROUP_M m-tiles (L2 reuse), axis 1 the K split: as
     # in the int kernel.
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -198,10 +263,11 @@ def _fp4_matmul_kernel(x_ptr, words_ptr, scale_ptr, gscale_ptr, bias_ptr, out_pt
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     for k0 in range(k_start, k_end, BLOCK_K):
-        words = _load_words(words_ptr, n_offs, k0, N, KW, BLOCK_K)                 # (BLOCK_N, BLOCK_K/8)
-        # Block scales times 2^14, undoing the codes' 2^-14 (exact).
-        s = _load_scales(scale_ptr, n_offs, k0, N, G, IS_NV, SCALE_BLOCK, BLOCK_K) * FP16_SUBNORMAL_SHIFT
+        ONE_TOKEN_EVEN: tl.constexpr = EVEN and not USE_DOT
+        words = _load_words(words_ptr, n_offs, k0, N, KW, BLOCK_K, ONE_TOKEN_EVEN)    # (BLOCK_N, BLOCK_K/8)
+        s = _load_scales(scale_ptr, n_offs, k0, N, G, IS_NV, SCALE_BLOCK, BLOCK_K, ONE_TOKEN_EVEN)
         if USE_DOT:
+            s = s * FP16_SUBNORMAL_SHIFT                 # undoes the codes' 2^-14 (exact)
             # Scale the exact E2M1 halves per block (a broadcast), then dot each over its columns.
             col = _half_columns(k0, BLOCK_K)                                      # (BLOCK_K/2,)
             x_rows = x_ptr + m_offs[:, None].to(tl.int64) * stride_xm + col[None, :]
@@ -213,11 +279,12 @@ def _fp4_matmul_kernel(x_ptr, words_ptr, scale_ptr, gscale_ptr, bias_ptr, out_pt
             acc += _dot(x_hi, w_hi, DOT_DTYPE, INPUT_PRECISION, True)
         else:
             # One token: reduce each block on the exact values, scale the block sum once.
-            per_word = _gemv_tile(x_ptr + pid_m.to(tl.int64) * stride_xm, K, words, k0, BLOCK_K)  # (BLOCK_N, BLOCK_K/8)
+            per_word = _gemv_tile(x_ptr + pid_m.to(tl.int64) * stride_xm, K, words, k0, BLOCK_K, X_WORDS,
+                                  EVEN)                                              # (BLOCK_N, BLOCK_K/8)
             per_block = tl.sum(tl.reshape(per_word, (BLOCK_N, NB, SCALE_BLOCK // 8)), axis=2)
-            acc_blocks += per_block * s                                              # (BLOCK_N, NB)
+            acc_blocks += per_block * s                                              # (BLOCK_N, NB), times 2^-26
     if not USE_DOT:
-        acc = tl.sum(acc_blocks, axis=1)[None, :]                                  # (1, BLOCK_N)
+        acc = tl.sum(acc_blocks, axis=1)[None, :] * F32_SUBNORMAL_SHIFT            # (1, BLOCK_N), exact
     if IS_NV:
         acc = tl.math.div_rn(acc, tl.load(gscale_ptr))
     _store_output(acc, bias_ptr, out_ptr, m_offs, n_offs, M, N, stride_om, pid_k, HAS_BIAS, SPLIT_K)
@@ -282,6 +349,11 @@ def _kernel_args(packed: torch.Tensor, scale: torch.Tensor, global_scale: torch.
     return words, bits, g
 
 
+def _x_words(x2: torch.Tensor) -> bool:
+    """Whether the one-token kernel may read the activations as int32 pairs of bf16 (4-byte aligned rows)."""
+    return x2.dtype == torch.bfloat16 and x2.data_ptr() % 4 == 0 and x2.stride(0) % 2 == 0
+
+
 def fp4_matmul(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor | None,
                bias: torch.Tensor | None, *, kind: str, config: KernelConfig,
                out: torch.Tensor | None = None) -> torch.Tensor:
@@ -305,7 +377,9 @@ def fp4_matmul(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, glob
         M, N, K, words.shape[1], bits.shape[1], x2.stride(0), acc.stride(0), k_per_split,
         IS_NV=kind == "nvfp4", SCALE_BLOCK=block, HAS_BIAS=bias is not None, BLOCK_M=bm,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m, SPLIT_K=split_k,
-        DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, num_warps=config.num_warps, num_stages=config.num_stages)
+        DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, X_WORDS=_x_words(x2),
+        EVEN=K % config.block_k == 0 and N % config.block_n == 0,
+        num_warps=config.num_warps, num_stages=config.num_stages)
     if split_k > 1:
         result.copy_(acc)
     return result

@@ -130,6 +130,8 @@ CASES = [
     Case("int4-fp32-query-fp16-cache", group=2, length=33, res=8, q_dtype=torch.float32),
     Case("int8-fp16-many-splits", length=96, res=32, bits=8, value_group=64, num_splits=100),
     Case("int4-d256", h=1, group=2, d=256, length=40, res=8, dtype=torch.bfloat16),
+    Case("int2-fp16-code-pairs", group=2, length=70, res=8, bits=2, group_size=32),      # 2-bit fp16x2 pairs
+    Case("int2-d16-bf16-one-word", group=2, d=16, length=37, res=16, bits=2, group_size=16, dtype=torch.bfloat16),
 ]
 
 
@@ -152,6 +154,19 @@ def test_kernel_matches_the_reference(case, triton_device):
     assert y.shape == q.shape and y.dtype == q.dtype
     # The reference rounds the dequantized cache to the cache dtype: the coarser dtype sets the bound.
     assert rel_err(y, ref) < max(REL_TOL[q.dtype], REL_TOL[kv.dtype])
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_code_rows_read_byte_by_byte_give_the_same_result(bits, triton_device, monkeypatch):
+    """Caches whose rows cannot be read as int32 words (``_word_rows`` false: unaligned) take the
+    per-column loader in the same column order; both match the reference."""
+    from compress.kernels import decode_attention_triton as tk
+    kv, q = run_case(Case("bytes", length=70, res=8, bits=bits, group_size=32), triton_device)
+    ref = decode_attention_reference(q, kv, 0.125)
+    words = tk.decode_attention(q, kv, 0.125, num_splits=2)
+    monkeypatch.setattr(tk, "_word_rows", lambda *a: False)
+    by_byte = tk.decode_attention(q, kv, 0.125, num_splits=2)
+    assert rel_err(words, ref) < REL_TOL[q.dtype] and rel_err(by_byte, ref) < REL_TOL[q.dtype]
 
 
 def test_dispatch_runs_the_kernel_with_the_heuristic_splits(triton_device):

@@ -99,6 +99,22 @@ def test_every_config_matches_the_reference(cfg, kind, dtype, triton_device):
     assert rel_err(y, case.reference(x)) < REL_TOL[dtype]
 
 
+ONE_TOKEN_CONFIGS = [c for c in CONFIGS if c.kind == "splitk" and c.block_m == 1 and c.split_k == 2]
+
+
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "x_offset_by_one"])
+@pytest.mark.parametrize("kind,dtype", [("nvfp4", torch.bfloat16), ("mxfp4", torch.float16)])
+@pytest.mark.parametrize("cfg", ONE_TOKEN_CONFIGS, ids=[c.name for c in ONE_TOKEN_CONFIGS])
+def test_one_token_on_whole_tiles(cfg, kind, dtype, offset, triton_device):
+    """N and K multiples of the tile: the one-token loop without masks (EVEN), bf16 activations read
+    as int32 pairs when 4-byte aligned and one by one when not (a view one element in)."""
+    n, k = 2 * cfg.block_n, 2 * cfg.block_k
+    case = make_fp4_case(kind, n, k, dtype=dtype, device=triton_device, seed=offset)
+    x = torch.randn(1, k + offset).to(dtype).to(triton_device)[:, offset:]
+    y = _run(case, x, cfg)
+    assert rel_err(y, case.reference(x)) < REL_TOL[dtype]
+
+
 # (M, N, K, kind, dtype, bias): M = 1, one block narrower than every tile, odd N, every dtype.
 SHAPES = [
     (1, 40, 16, "nvfp4", torch.float32, False),     # M = 1, K = one NVFP4 block

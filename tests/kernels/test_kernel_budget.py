@@ -28,12 +28,8 @@ _spec.loader.exec_module(kb)
 # Kernels still under their target (issue 19, part 3, not done for them yet). Strict: once a kernel
 # clears its target the test fails until it is taken off this list.
 BELOW_TARGET = {
-    "nvfp4_4096x4096": "NVFP4 M=1 loop about 0.40 warp-instructions/byte: its E2M1 decode re-packs fp16 halves (PRMT)",
-    "nvfp4_14336x4096": "NVFP4 M=1 loop about 0.40 warp-instructions/byte: its E2M1 decode re-packs fp16 halves (PRMT)",
     "sparse24_int4_4096x4096": "2:4 + int4 M=1 loop about 0.49 warp-instructions/byte (select tree + decode)",
     "sparse24_int4_14336x4096": "2:4 + int4 M=1 loop about 0.49 warp-instructions/byte (select tree + decode)",
-    "kv_int4": "KV int4 decode about 0.54 warp-instructions/byte (code unpack per column, layout shuffles)",
-    "kv_int2": "KV int2 decode about 0.98 warp-instructions/byte (code unpack per column, layout shuffles)",
 }
 
 
