@@ -111,7 +111,8 @@ def _int_gemv(bits: int, k: int, n: int, target: float, group: int = 128) -> Cas
                 k_per_split=k // split)
     consts = dict(BITS=bits, GROUP_SIZE=group, GROUP_MODE=0, HAS_ZP=False, HAS_BIAS=False, BLOCK_M=1,
                   BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SPLIT_K=split,
-                  DOT_DTYPE=tl.bfloat16, INPUT_PRECISION="ieee", EVEN_K=k % cfg.block_k == 0)
+                  DOT_DTYPE=tl.bfloat16, INPUT_PRECISION="ieee", EVEN_K=k % cfg.block_k == 0,
+                  PIPE=cfg.num_stages)
     scale_bytes = 2 * n * g
     return Case(f"int{bits}_g{group}_m1_k{k}_n{n}", "dequant_linear_triton:_dequant_matmul_kernel", args, consts,
                 cfg.num_warps, cfg.num_stages,
@@ -128,7 +129,7 @@ def _fp4_gemv(k: int, n: int, target: float) -> Case:
                 out_ptr="*fp32", M=1, N=n, K=k, KW=k // 8, G=k // 16, stride_xm=k, stride_om=n, k_per_split=k // split)
     consts = dict(IS_NV=True, SCALE_BLOCK=16, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                   GROUP_M=cfg.group_m, SPLIT_K=split, DOT_DTYPE=tl.bfloat16, INPUT_PRECISION="ieee",
-                  X_WORDS=True, EVEN=k % cfg.block_k == 0 and n % cfg.block_n == 0)
+                  X_WORDS=True, EVEN=k % cfg.block_k == 0 and n % cfg.block_n == 0, PIPE=cfg.num_stages)
     return Case(f"nvfp4_m1_k{k}_n{n}", "fp4_linear_triton:_fp4_matmul_kernel", args, consts, cfg.num_warps,
                 cfg.num_stages, bytes_per_iter=cfg.block_n * cfg.block_k // 2 + cfg.block_n * cfg.block_k // 16,
                 iterations=(n // cfg.block_n) * (k // cfg.block_k), ctas=(n // cfg.block_n) * split,
@@ -147,7 +148,7 @@ def _sparse24(k: int, n: int, int4: bool, target: float, group: int = 128) -> Ca
     consts = dict(VALUE_KIND=sk.INT4 if int4 else sk.BFLOAT16, GROUP_SIZE=group if int4 else 0,
                   SCALE_MODE=sk._scale_mode(4 if int4 else None, group, cfg.block_k), HAS_BIAS=False, BLOCK_M=1,
                   BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SPLIT_K=split,
-                  DOT_DTYPE=tl.bfloat16, INPUT_PRECISION="ieee")
+                  DOT_DTYPE=tl.bfloat16, INPUT_PRECISION="ieee", PIPE=cfg.num_stages)
     per8 = 1 + (2 if int4 else 8)                   # bytes per 8 columns: metadata + 4 kept values
     scale_iter = 2 * cfg.block_n * cfg.block_k // group if int4 else 0
     return Case(f"sparse24{'_int4' if int4 else '_bf16'}_m1_k{k}_n{n}", "sparse24_linear_triton:_sparse24_kernel",

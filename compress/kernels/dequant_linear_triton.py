@@ -28,7 +28,9 @@ the tile is reduced on the signed integer codes and the scale is applied once pe
 ``sum_k x*(u - uz)*s = s * sum_k x*(u - uz)``. ``u - uz`` is an integer in [-255, 255], exact in
 bf16/fp16, so ``tl.dot`` on it loses nothing, and nothing cancels (an all-zero group adds exact
 zeros whatever its scale). Otherwise (GROUP_MODE 1: groups narrower than the tile; GROUP_MODE 2:
-a ``g_idx`` gather) each element is dequantized before the reduction.
+a ``g_idx`` gather) each element is dequantized before the reduction. A tile of exactly 2 or 4
+whole groups (GROUP_MODE 3) keeps the scale-once path at M = 1, one sub-tile per group, with every
+sub-tile's words loaded before the first is decoded: the wider tile puts more bytes in flight.
 
 Static act-order checkpoints (``actorder="static"``) store columns in their natural order and
 need no gather at all; only dynamic act-order pays for GROUP_MODE 2.
@@ -81,12 +83,23 @@ MAGIC = tl.constexpr(0x4B000000)      # float32 bits of 2^23: (u | MAGIC) is the
 
 
 @triton.jit
-def _gemv_tile(x_row, K, k0, packed_ptr, scale_ptr, zp_ptr, n_offs, N, KW, G, BITS: tl.constexpr,
-               GROUP_SIZE: tl.constexpr, HAS_ZP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               EVEN_K: tl.constexpr):
-    """One token, a K tile inside one group: ``s * sum_j x * (u - uz)`` per packed word,
-    (BLOCK_N, BLOCK_K/PER) float32 in the words' own register layout (no reshape, no shuffle; the
-    sum over words happens once, after the K loop).
+def _gemv_words(packed_ptr, n_offs, N, KW, k0, BITS: tl.constexpr, SUB_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """The packed words of rows ``n_offs``, columns k0 .. k0+SUB_K: (BLOCK_N, SUB_K/PER) uint32.
+    Each word is loaded once and streamed (evict-first): weights are never reused within a call."""
+    PER: tl.constexpr = 32 // BITS
+    kw = k0 // PER + tl.arange(0, SUB_K // PER)
+    return tl.load(packed_ptr + n_offs[:, None].to(tl.int64) * KW + kw[None, :],
+                   mask=(n_offs < N)[:, None] & ((kw[None, :] < KW) | EVEN_K), other=0,
+                   eviction_policy="evict_first").to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _gemv_reduce(words, x_row, K, k0, scale_ptr, zp_ptr, n_offs, N, G, BITS: tl.constexpr,
+                 GROUP_SIZE: tl.constexpr, HAS_ZP: tl.constexpr, BLOCK_N: tl.constexpr, SUB_K: tl.constexpr,
+                 EVEN_K: tl.constexpr):
+    """One token, ``words`` = columns k0 .. k0+SUB_K inside one group: ``s * sum_j x * (u - uz)``
+    per packed word, (BLOCK_N, SUB_K/PER) float32 in the words' own register layout (no reshape,
+    no shuffle; the sum over words happens once, after the K loop).
 
     Decoding without shifts or int-to-float conversions: the J = 23 // BITS codes of a word that sit
     in its low 23 bits (int4: 5) are masked *in place* and or-ed into the mantissa of 2^23, one
@@ -99,23 +112,21 @@ def _gemv_tile(x_row, K, k0, packed_ptr, scale_ptr, zp_ptr, n_offs, N, KW, G, BI
     PER: tl.constexpr = 32 // BITS
     J: tl.constexpr = 23 // BITS                                          # codes per 23-bit window
     MASK: tl.constexpr = (1 << BITS) - 1
-    kw = k0 // PER + tl.arange(0, BLOCK_K // PER)
+    kw = k0 // PER + tl.arange(0, SUB_K // PER)
     n_mask = n_offs < N
-    # Each packed word is loaded once and streamed: weights are never reused within a call.
-    words = tl.load(packed_ptr + n_offs[:, None].to(tl.int64) * KW + kw[None, :],
-                    mask=n_mask[:, None] & ((kw[None, :] < KW) | EVEN_K), other=0,
-                    eviction_policy="evict_first").to(tl.uint32, bitcast=True)   # (BLOCK_N, BLOCK_K // PER)
     if GROUP_SIZE > 0:
         g = k0 // GROUP_SIZE
+        s_mask = n_mask & (n_offs * 0 + g < G)        # a sub-tile past a ragged K reads no scale
     else:
         g = 0
-    s = tl.load(scale_ptr + n_offs * G + g, mask=n_mask, other=0.0).to(tl.float32)          # (BLOCK_N,)
+        s_mask = n_mask
+    s = tl.load(scale_ptr + n_offs * G + g, mask=s_mask, other=0.0).to(tl.float32)     # (BLOCK_N,)
     if HAS_ZP:
         uz = _zero_codes(zp_ptr, n_offs, g, N, G, BITS).to(tl.float32)                      # (BLOCK_N,)
     else:
         uz = tl.full((BLOCK_N,), 1 << (BITS - 1), tl.float32)
     wcol = kw * PER                                                       # first column of each word
-    part = tl.zeros((BLOCK_N, BLOCK_K // PER), dtype=tl.float32)
+    part = tl.zeros((BLOCK_N, SUB_K // PER), dtype=tl.float32)
     for j in tl.static_range(PER):
         jj = j % J                                                        # position in the 23-bit window
         step = 1 << (BITS * jj)
@@ -125,11 +136,40 @@ def _gemv_tile(x_row, K, k0, packed_ptr, scale_ptr, zp_ptr, n_offs, N, KW, G, BI
             xj = tl.load(x_row + wcol + j, eviction_policy="evict_last")
         else:
             xj = tl.load(x_row + wcol + j, mask=wcol < K - j, other=0.0, eviction_policy="evict_last")
-        xj = xj.to(tl.float32) * (1.0 / step)                                             # (BLOCK_K // PER,)
+        xj = xj.to(tl.float32) * (1.0 / step)                                             # (SUB_K // PER,)
         u = ((words & (MASK << (BITS * jj))) | MAGIC).to(tl.float32, bitcast=True)        # 2^23 + u * step
         zero = uz * step + 8388608.0                                                      # 2^23 + uz * step, exact
         part += (u - zero[:, None]) * xj[None, :]
     return part * s[:, None]
+
+
+@triton.jit
+def _gemv_tile(x_row, K, k0, packed_ptr, scale_ptr, zp_ptr, n_offs, N, KW, G, BITS: tl.constexpr,
+               GROUP_SIZE: tl.constexpr, HAS_ZP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               SUB: tl.constexpr, EVEN_K: tl.constexpr):
+    """Columns k0 .. k0+BLOCK_K of one token as SUB (1, 2 or 4) sub-tiles of one group each.
+
+    The words of every sub-tile are loaded before any is decoded, so a program keeps SUB times
+    more bytes in flight per iteration: at M = 1 the kernel is bound by how many loads are in
+    flight across the GPU (Little's law), not by its instruction count."""
+    SUB_K: tl.constexpr = BLOCK_K // SUB
+    w0 = _gemv_words(packed_ptr, n_offs, N, KW, k0, BITS, SUB_K, EVEN_K)
+    if SUB >= 2:
+        w1 = _gemv_words(packed_ptr, n_offs, N, KW, k0 + SUB_K, BITS, SUB_K, EVEN_K)
+    if SUB >= 4:
+        w2 = _gemv_words(packed_ptr, n_offs, N, KW, k0 + 2 * SUB_K, BITS, SUB_K, EVEN_K)
+        w3 = _gemv_words(packed_ptr, n_offs, N, KW, k0 + 3 * SUB_K, BITS, SUB_K, EVEN_K)
+    part = _gemv_reduce(w0, x_row, K, k0, scale_ptr, zp_ptr, n_offs, N, G, BITS, GROUP_SIZE, HAS_ZP, BLOCK_N,
+                        SUB_K, EVEN_K)
+    if SUB >= 2:
+        part += _gemv_reduce(w1, x_row, K, k0 + SUB_K, scale_ptr, zp_ptr, n_offs, N, G, BITS, GROUP_SIZE, HAS_ZP,
+                             BLOCK_N, SUB_K, EVEN_K)
+    if SUB >= 4:
+        part += _gemv_reduce(w2, x_row, K, k0 + 2 * SUB_K, scale_ptr, zp_ptr, n_offs, N, G, BITS, GROUP_SIZE,
+                             HAS_ZP, BLOCK_N, SUB_K, EVEN_K)
+        part += _gemv_reduce(w3, x_row, K, k0 + 3 * SUB_K, scale_ptr, zp_ptr, n_offs, N, G, BITS, GROUP_SIZE,
+                             HAS_ZP, BLOCK_N, SUB_K, EVEN_K)
+    return part
 
 
 @triton.jit
@@ -160,7 +200,7 @@ def _tile(acc, x_ptr, stride_xm, m_offs, M, K, k0, packed_ptr, scale_ptr, zp_ptr
     else:
         # Groups change inside the tile: dequantize every element first.
         k_mask = k < K
-        if GROUP_MODE == 1:
+        if GROUP_MODE != 2:
             g = k // GROUP_SIZE
         else:
             g = tl.load(gidx_ptr + k, mask=k_mask, other=0)
@@ -212,7 +252,7 @@ def _dequant_matmul_kernel(x_ptr, packed_ptr, scale_ptr, zp_ptr, gidx_ptr, bias_
                            HAS_ZP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                            SPLIT_K: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                           EVEN_K: tl.constexpr):
+                           EVEN_K: tl.constexpr, PIPE: tl.constexpr = 3):
     # Program -> (m tile, n tile), in bands of GROUP_M m-tiles so that programs running together
     # read the same weight tiles (L2 reuse); axis 1 is the K split.
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -222,16 +262,20 @@ def _dequant_matmul_kernel(x_ptr, packed_ptr, scale_ptr, zp_ptr, gidx_ptr, bias_
     n_offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     USE_DOT: tl.constexpr = BLOCK_M >= 16
     # One token with the tile inside one group: per-word sums, reduced once after the loop.
-    GEMV: tl.constexpr = (BLOCK_M == 1) and (GROUP_MODE == 0)
+    # (GROUP_MODE 3: the tile is 2 or 4 whole groups, one sub-tile each.)
+    GEMV: tl.constexpr = (BLOCK_M == 1) and (GROUP_MODE == 0 or GROUP_MODE == 3)
+    SUB: tl.constexpr = BLOCK_K // GROUP_SIZE if GROUP_MODE == 3 else 1
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_words = tl.zeros((BLOCK_N, BLOCK_K // (32 // BITS)), dtype=tl.float32)
+    acc_words = tl.zeros((BLOCK_N, BLOCK_K // SUB // (32 // BITS)), dtype=tl.float32)
     x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    for k0 in range(k_start, k_end, BLOCK_K):
+    # tl.range with num_stages: the weight loads of the one-token path (no tl.dot, which Triton
+    # pipelines by itself) go through cp.async, PIPE tiles ahead, so the loop never waits on DRAM.
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=PIPE):
         if GEMV:
             acc_words += _gemv_tile(x_row, K, k0, packed_ptr, scale_ptr, zp_ptr, n_offs, N, KW, G, BITS,
-                                    GROUP_SIZE, HAS_ZP, BLOCK_N, BLOCK_K, EVEN_K)
+                                    GROUP_SIZE, HAS_ZP, BLOCK_N, BLOCK_K, SUB, EVEN_K)
         else:
             acc = _tile(acc, x_ptr, stride_xm, m_offs, M, K, k0, packed_ptr, scale_ptr, zp_ptr, gidx_ptr, n_offs,
                         N, KW, G, BITS, GROUP_SIZE, GROUP_MODE, HAS_ZP, BLOCK_N, BLOCK_K, USE_DOT, DOT_DTYPE,
@@ -284,10 +328,15 @@ def _dot_dtype(dtype: torch.dtype):
 
 
 def _group_mode(group_size: int | None, g_idx: torch.Tensor | None, block_k: int) -> int:
+    """0: each K tile inside one group; 1: groups change inside the tile; 2: ``g_idx`` gather;
+    3: the tile is exactly 2 or 4 whole groups (the M = 1 path loads them together, sub-tile by
+    sub-tile; the tiled path treats it as 1)."""
     if g_idx is not None:
         return 2
     if group_size is None or group_size % block_k == 0:
         return 0
+    if block_k % group_size == 0 and block_k // group_size in (2, 4):
+        return 3
     return 1
 
 
@@ -310,8 +359,8 @@ def dequant_matmul(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, 
         BITS=bits, GROUP_SIZE=group_size or 0, GROUP_MODE=_group_mode(group_size, g_idx, config.block_k),
         HAS_ZP=zero_point is not None, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=config.block_n,
         BLOCK_K=config.block_k, GROUP_M=config.group_m, SPLIT_K=split_k, DOT_DTYPE=dot_dtype,
-        INPUT_PRECISION=precision, EVEN_K=K % config.block_k == 0, num_warps=config.num_warps,
-        num_stages=config.num_stages)
+        INPUT_PRECISION=precision, EVEN_K=K % config.block_k == 0, PIPE=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages)
     if split_k > 1:
         result.copy_(acc)
     return result

@@ -248,7 +248,7 @@ def _fp4_matmul_kernel(x_ptr, words_ptr, scale_ptr, gscale_ptr, bias_ptr, out_pt
                        IS_NV: tl.constexpr, SCALE_BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                        SPLIT_K: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                       X_WORDS: tl.constexpr = False, EVEN: tl.constexpr = False):
+                       X_WORDS: tl.constexpr = False, EVEN: tl.constexpr = False, PIPE: tl.constexpr = 3):
     # Program -> (m tile, n tile) in bands of GROUP_M m-tiles (L2 reuse), axis 1 the K split: as
     # in the int kernel.
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -262,7 +262,9 @@ def _fp4_matmul_kernel(x_ptr, words_ptr, scale_ptr, gscale_ptr, bias_ptr, out_pt
     acc_blocks = tl.zeros((BLOCK_N, NB), dtype=tl.float32)          # BLOCK_M = 1: per-block sums
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    for k0 in range(k_start, k_end, BLOCK_K):
+    # tl.range with num_stages: the weight loads of the one-token path (no tl.dot, which Triton
+    # pipelines by itself) go through cp.async, PIPE tiles ahead, so the loop never waits on DRAM.
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=PIPE):
         ONE_TOKEN_EVEN: tl.constexpr = EVEN and not USE_DOT
         words = _load_words(words_ptr, n_offs, k0, N, KW, BLOCK_K, ONE_TOKEN_EVEN)    # (BLOCK_N, BLOCK_K/8)
         s = _load_scales(scale_ptr, n_offs, k0, N, G, IS_NV, SCALE_BLOCK, BLOCK_K, ONE_TOKEN_EVEN)
@@ -378,7 +380,7 @@ def fp4_matmul(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, glob
         IS_NV=kind == "nvfp4", SCALE_BLOCK=block, HAS_BIAS=bias is not None, BLOCK_M=bm,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m, SPLIT_K=split_k,
         DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, X_WORDS=_x_words(x2),
-        EVEN=K % config.block_k == 0 and N % config.block_n == 0,
+        EVEN=K % config.block_k == 0 and N % config.block_n == 0, PIPE=config.num_stages,
         num_warps=config.num_warps, num_stages=config.num_stages)
     if split_k > 1:
         result.copy_(acc)

@@ -181,7 +181,7 @@ def _sparse24_kernel(x_ptr, vals_ptr, meta_ptr, scale_ptr, bias_ptr, out_ptr,
                      VALUE_KIND: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE_MODE: tl.constexpr,
                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                     INPUT_PRECISION: tl.constexpr):
+                     INPUT_PRECISION: tl.constexpr, PIPE: tl.constexpr = 3):
     # Program -> (m tile, n tile) in bands of GROUP_M m-tiles (L2 reuse), axis 1 the K split: as
     # in the integer kernels.
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -198,7 +198,9 @@ def _sparse24_kernel(x_ptr, vals_ptr, meta_ptr, scale_ptr, bias_ptr, out_ptr,
     x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    for k0 in range(k_start, k_end, BLOCK_K):
+    # tl.range with num_stages: the weight loads of the one-token path (no tl.dot, which Triton
+    # pipelines by itself) go through cp.async, PIPE tiles ahead, so the loop never waits on DRAM.
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=PIPE):
         lanes = k0 // 8 + tl.arange(0, L)
         lane_mask = lanes < lanes_k
         mask = n_mask[:, None] & lane_mask[None, :]
@@ -304,7 +306,7 @@ def sparse24_matmul(x2: torch.Tensor, values_or_packed: torch.Tensor, meta: torc
         VALUE_KIND=kind, GROUP_SIZE=group_size or 0, SCALE_MODE=_scale_mode(bits, group_size, config.block_k),
         HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, SPLIT_K=split_k, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        PIPE=config.num_stages, num_warps=config.num_warps, num_stages=config.num_stages)
     if split_k > 1:
         result.copy_(acc)
     return result

@@ -58,12 +58,29 @@ class KernelConfig:
         raise KeyError(name)
 
 
+# One token (BLOCK_M = 1): (BLOCK_N, BLOCK_K, warps, stages). A GEMV is bound by the loads in
+# flight, not by its instruction count (docs/kernel-budget.md, "What the H200 measured"), so beside
+# the tiles measured on the H200 (stages 1: plain loads) compete the same loop through the cp.async
+# pipeline (stages 3: each program keeps two more tiles in flight, for a shared-memory round trip)
+# and tiles of 2 or 4 whole groups of 128 (BLOCK_K 256 / 512: GROUP_MODE 3 in
+# dequant_linear_triton.py, every sub-tile's words loaded before the first is decoded).
+_GEMV_TILES = ((32, 128, 4, 1), (64, 128, 4, 1), (128, 128, 4, 1), (32, 128, 4, 3), (64, 128, 4, 3),
+               (64, 256, 8, 1), (32, 256, 4, 1), (64, 512, 4, 1), (64, 512, 4, 3), (32, 512, 4, 3))
+# The ones the autotuner times on first use (each costs a compile, ~1 s): the measured family, and
+# the pipelined and the 4-group tile in their best-guess shape. benchmarks/gemv_sweep.py times
+# every _GEMV_TILES entry, to move this list on measurements.
+_GEMV_AUTOTUNE = ((32, 128, 4, 1), (64, 128, 4, 1), (128, 128, 4, 1), (64, 128, 4, 3), (64, 512, 4, 1),
+                  (64, 512, 4, 3))
+# BLOCK_M = 16 reduces with tl.dot, which Triton pipelines at any stage count.
+_SMALL_M_TILES = ((32, 128, 4, 3), (64, 128, 4, 3), (128, 128, 4, 3), (64, 256, 8, 3), (32, 256, 4, 3))
+
+
 def _splitk_configs() -> list[KernelConfig]:
     out = []
-    for block_m in (1, 16):
-        for block_n, block_k, warps in ((32, 128, 4), (64, 128, 4), (128, 128, 4), (64, 256, 8), (32, 256, 4)):
+    for block_m, tiles in ((1, _GEMV_TILES), (16, _SMALL_M_TILES)):
+        for block_n, block_k, warps, stages in tiles:
             for split_k in (1, 2, 4, 8):
-                out.append(KernelConfig("splitk", block_m, block_n, block_k, split_k, 1, warps, 3))
+                out.append(KernelConfig("splitk", block_m, block_n, block_k, split_k, 1, warps, stages))
     return out
 
 
@@ -86,14 +103,24 @@ def m_bucket(m: int) -> int:
     return bucket
 
 
-def candidates(m: int, group_size: int | None) -> list[KernelConfig]:
+def candidates(m: int, group_size: int | None, exhaustive: bool = False) -> list[KernelConfig]:
     """The configs worth timing for a batch of ``m`` rows. Tiles whose BLOCK_K does not divide the
-    group size are kept out where another tile keeps the scale-once-per-tile path."""
+    group size are kept out where another tile keeps the scale-once-per-tile path. ``exhaustive``:
+    every one-token tile (benchmarks/gemv_sweep.py), not only the autotuner's shortlist."""
     def fits(cfg: KernelConfig) -> bool:
-        return group_size is None or group_size % cfg.block_k == 0 or group_size < 64
+        if group_size is None or group_size % cfg.block_k == 0 or group_size < 64:
+            return True
+        # one token: a tile of 2 or 4 whole groups keeps the scale-once path
+        return cfg.block_m == 1 and cfg.block_k % group_size == 0 and cfg.block_k // group_size in (2, 4)
     out = []
-    if m <= SMALL_M:
-        out += [c for c in _splitk_configs() if (c.block_m == 1) == (m == 1)]
+    if m == 1:
+        tuned = {(n, k, w, st) for n, k, w, st in _GEMV_AUTOTUNE}
+        wide = group_size is None or group_size >= 256     # 256-wide tiles inside one group, as before
+        out += [c for c in _splitk_configs() if c.block_m == 1 and (
+            exhaustive or (c.block_n, c.block_k, c.num_warps, c.num_stages) in tuned
+            or (wide and c.block_k == 256))]
+    elif m <= SMALL_M:
+        out += [c for c in _splitk_configs() if c.block_m > 1]
     if m > 1:
         out += [c for c in _tiled_configs() if c.block_m <= max(16, 2 * m_bucket(m))]
     out = [c for c in out if fits(c)] or out
@@ -109,6 +136,7 @@ def heuristic_config(m: int, n: int, k: int, group_size: int | None, sm_count: i
         block_m = 32 if m <= 32 else 64
         return KernelConfig("tiled", block_m, 64 if m <= 64 else 128, block_k, 1, 8, 4, 3)
     block_m, block_n = (1, 64) if m == 1 else (16, 64)
+    stages = 1 if m == 1 else 3                  # the M = 1 tile measured on the H200 (tuning's _GEMV_TILES)
     n_tiles = -(-n // block_n)
     k_tiles = -(-k // block_k)
     split_k = 1
@@ -116,7 +144,7 @@ def heuristic_config(m: int, n: int, k: int, group_size: int | None, sm_count: i
     # two K tiles in every slice.
     while n_tiles * split_k < 4 * sm_count and split_k * 2 <= 8 and k_tiles // (split_k * 2) >= 2:
         split_k *= 2
-    return KernelConfig("splitk", block_m, block_n, block_k, split_k, 1, 4, 3)
+    return KernelConfig("splitk", block_m, block_n, block_k, split_k, 1, 4, stages)
 
 
 def cache_dir() -> Path:

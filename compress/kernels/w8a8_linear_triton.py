@@ -138,6 +138,8 @@ def _w8a8_matmul_kernel(a_ptr, sa_ptr, w_ptr, sb_ptr, bias_ptr, out_ptr,
             acc += part
         elif DOT_MODE == 0 and not IS_INT:
             acc = tl.dot(a, wt, acc, max_num_imprecise_acc=BLOCK_K)
+        elif IS_INT:
+            acc = tl.dot(a, wt, acc, out_dtype=tl.int32)                 # exact int32 sums
         else:
             acc = tl.dot(a, wt, acc)
     if not PER_TILE:

@@ -34,7 +34,8 @@ def triton_device() -> str:
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     assert not torch.isnan(y).any(), "NaN in the kernel output (unwritten or poisoned element)"
-    return ((y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+    y, ref = y.detach().double().cpu(), ref.detach().double().cpu()       # the reference may live on the CPU
+    return ((y - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 @dataclasses.dataclass

@@ -7,6 +7,7 @@ import torch
 from kernel_cases import CUDA, REL_TOL, make_case, rel_err, triton_device  # noqa: F401  (fixture)
 
 from compress.kernels import tuning
+from compress.kernels.tuning import KernelConfig
 from compress.kernels.dequant_linear import dequant_linear, dequant_weight
 
 CONFIGS = tuning.all_configs()
@@ -29,6 +30,22 @@ def test_every_config_matches_the_reference(cfg, triton_device):
                        **case.meta)
     assert y.shape == (x.shape[0], 72) and y.dtype == dtype
     assert rel_err(y, case.reference(x)) < REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("block_k,split_k", [(64, 1), (128, 1), (128, 2)])
+def test_one_token_tiles_of_whole_groups(block_k, split_k, symmetric, triton_device):
+    """GROUP_MODE 3: a one-token tile of 2 or 4 groups of 32, scaled once per group. K = 200 (7
+    groups, the last of 8 columns) puts the last tile's sub-tiles past K: they add nothing."""
+    from compress.kernels.dequant_linear_triton import _group_mode
+    assert _group_mode(32, None, block_k) == 3
+    cfg = KernelConfig("splitk", 1, 32, block_k, split_k, 1, 4, 3)
+    case = make_case(40, 200, bits=4, group_size=32, symmetric=symmetric, dtype=torch.float32,
+                     device=triton_device)
+    x = torch.randn(1, 200).to(triton_device)
+    y = dequant_linear(x, case.packed, case.scale, case.zero_point, case.bias, backend="triton", config=cfg,
+                       **case.meta)
+    assert rel_err(y, case.reference(x)) < REL_TOL[torch.float32]
 
 
 # (M, N, K, bits, group_size, symmetric, g_idx, dtype): M = 1 and odd sizes everywhere.

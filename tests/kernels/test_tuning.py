@@ -35,7 +35,10 @@ def test_candidates_always_include_the_dense_fallback_and_fit_the_batch():
         splitk = [c for c in cands if c.kind == "splitk"]
         assert bool(splitk) == (m <= tuning.SMALL_M)
         assert all((c.block_m == 1) == (m == 1) for c in splitk)
-        assert all(128 % c.block_k == 0 for c in cands if c.kind != "dense")
+        # inside one group, or (one token) exactly 2 or 4 whole groups
+        assert all(128 % c.block_k == 0 or (m == 1 and c.block_k // 128 in (2, 4) and c.block_k % 128 == 0)
+                   for c in cands if c.kind != "dense")
+    assert any(c.block_k == 512 for c in tuning.candidates(1, 128))
     assert not [c for c in tuning.candidates(64, 128) if c.kind == "splitk"]
 
 
