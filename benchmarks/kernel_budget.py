@@ -148,7 +148,8 @@ def _sparse24(k: int, n: int, int4: bool, target: float, group: int = 128) -> Ca
     consts = dict(VALUE_KIND=sk.INT4 if int4 else sk.BFLOAT16, GROUP_SIZE=group if int4 else 0,
                   SCALE_MODE=sk._scale_mode(4 if int4 else None, group, cfg.block_k), HAS_BIAS=False, BLOCK_M=1,
                   BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SPLIT_K=split,
-                  DOT_DTYPE=tl.bfloat16, INPUT_PRECISION="ieee", PIPE=cfg.num_stages)
+                  DOT_DTYPE=tl.bfloat16, INPUT_PRECISION="ieee", PIPE=cfg.num_stages,
+                  EVEN=k % cfg.block_k == 0 and n % cfg.block_n == 0)
     per8 = 1 + (2 if int4 else 8)                   # bytes per 8 columns: metadata + 4 kept values
     scale_iter = 2 * cfg.block_n * cfg.block_k // group if int4 else 0
     return Case(f"sparse24{'_int4' if int4 else '_bf16'}_m1_k{k}_n{n}", "sparse24_linear_triton:_sparse24_kernel",

@@ -116,12 +116,15 @@ def _pick(meta, c: tl.constexpr, x0, x1, x2, x3):
 
 
 @triton.jit
-def _lane_dot(x_row, meta, v0, v1, v2, v3, k0, K, L: tl.constexpr):
+def _lane_dot(x_row, meta, v0, v1, v2, v3, k0, K, L: tl.constexpr, EVEN: tl.constexpr):
     """Per-lane sums ``sum_c v_c * x[col_c]`` (BLOCK_N, L) float32 for one activation row."""
     # The tile's BLOCK_K activations in one contiguous (vectorized) load, split into the 8 columns
     # of every lane: column 8 * lane + 4a + 2b + c, split on c, then b, then a.
     k = k0 + tl.arange(0, 8 * L)
-    xv = tl.load(x_row + k, mask=k < K, other=0.0, eviction_policy="evict_last").to(tl.float32)
+    if EVEN:
+        xv = tl.load(x_row + k, eviction_policy="evict_last").to(tl.float32)
+    else:
+        xv = tl.load(x_row + k, mask=k < K, other=0.0, eviction_policy="evict_last").to(tl.float32)
     even, odd = tl.split(tl.reshape(xv, (L, 2, 2, 2)))
     e0, e1 = tl.split(even)
     o0, o1 = tl.split(odd)
@@ -181,7 +184,7 @@ def _sparse24_kernel(x_ptr, vals_ptr, meta_ptr, scale_ptr, bias_ptr, out_ptr,
                      VALUE_KIND: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE_MODE: tl.constexpr,
                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                     INPUT_PRECISION: tl.constexpr, PIPE: tl.constexpr = 3):
+                     INPUT_PRECISION: tl.constexpr, PIPE: tl.constexpr = 3, EVEN: tl.constexpr = False):
     # Program -> (m tile, n tile) in bands of GROUP_M m-tiles (L2 reuse), axis 1 the K split: as
     # in the integer kernels.
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -202,8 +205,11 @@ def _sparse24_kernel(x_ptr, vals_ptr, meta_ptr, scale_ptr, bias_ptr, out_ptr,
     # pipelines by itself) go through cp.async, PIPE tiles ahead, so the loop never waits on DRAM.
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=PIPE):
         lanes = k0 // 8 + tl.arange(0, L)
-        lane_mask = lanes < lanes_k
-        mask = n_mask[:, None] & lane_mask[None, :]
+        if EVEN:
+            # every tile inside N and K: an all-true mask folds away and the loads vectorize
+            mask = tl.full((BLOCK_N, L), 1, tl.int1)
+        else:
+            mask = n_mask[:, None] & (lanes < lanes_k)[None, :]
         meta = tl.load(meta_ptr + n_offs[:, None].to(tl.int64) * lanes_k + lanes[None, :], mask=mask,
                        other=0, eviction_policy="evict_first").to(tl.int32)       # (BLOCK_N, L)
         v0, v1, v2, v3 = _kept_values(vals_ptr, stride_v, n_offs, lanes, mask, VALUE_KIND)
@@ -232,7 +238,7 @@ def _sparse24_kernel(x_ptr, vals_ptr, meta_ptr, scale_ptr, bias_ptr, out_ptr,
                 part = part * s[None, :]
             acc += part
         else:
-            part = _lane_dot(x_row, meta, v0, v1, v2, v3, k0, K, L)     # (BLOCK_N, L)
+            part = _lane_dot(x_row, meta, v0, v1, v2, v3, k0, K, L, EVEN)     # (BLOCK_N, L)
             if SCALE_MODE == 1:
                 part = part * s[:, None]
             elif SCALE_MODE == 2:
@@ -306,7 +312,8 @@ def sparse24_matmul(x2: torch.Tensor, values_or_packed: torch.Tensor, meta: torc
         VALUE_KIND=kind, GROUP_SIZE=group_size or 0, SCALE_MODE=_scale_mode(bits, group_size, config.block_k),
         HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, SPLIT_K=split_k, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
-        PIPE=config.num_stages, num_warps=config.num_warps, num_stages=config.num_stages)
+        PIPE=config.num_stages, EVEN=K % config.block_k == 0 and N % config.block_n == 0,
+        num_warps=config.num_warps, num_stages=config.num_stages)
     if split_k > 1:
         result.copy_(acc)
     return result

@@ -189,6 +189,19 @@ SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("bits", [None, 4])
+@pytest.mark.parametrize("block_n,split_k", [(32, 1), (64, 2)])
+def test_one_token_tiles_that_fill_n_and_k(block_n, split_k, bits, triton_device):
+    """N and K multiples of the tile: the kernel drops its masks (EVEN) and must still match."""
+    cfg = tuning.KernelConfig("splitk", 1, block_n, 128, split_k, 1, 4, 1)
+    kept, meta, scale, bias, dense = make(64, 256, bits=bits, group_size=128 if bits else None,
+                                          dtype=torch.bfloat16, seed=3, device=triton_device)
+    x = torch.randn(1, 256).to(torch.bfloat16).to(triton_device)
+    y = sparse24_linear(x, kept, meta, scale, bias, in_features=256, group_size=128 if bits else None, bits=bits,
+                        backend="triton", config=cfg)
+    assert rel_err(y, reference64(x, dense, bias)) < REL_TOL[torch.bfloat16]
+
+
 @pytest.mark.parametrize("m,n,k,bits,group_size,dtype,bias", SHAPES)
 def test_shapes_with_the_chosen_config(m, n, k, bits, group_size, dtype, bias, triton_device):
     kept, meta, scale, b, dense = make(n, k, bits=bits, group_size=group_size, dtype=dtype, bias=bias, seed=m,
