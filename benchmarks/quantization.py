@@ -4,6 +4,7 @@
     python benchmarks/quantization.py --only gptq-w4g64-sym --verify
     python benchmarks/quantization.py --fp4 --verify --output benchmarks/results/quantization-smollm2-fp4.json
     python benchmarks/quantization.py --w8a8 --verify --output benchmarks/results/quantization-smollm2-w8a8.json
+    python benchmarks/quantization.py --rotation --verify --output benchmarks/results/quantization-smollm2-rotation.json
 
 For each setting: WikiText-2 test perplexity (first 40 windows of 512 tokens), quantization wall
 time (calibration data + solve; GPTQ calibrates on 64 windows of 512 tokens from valid.txt, seed 0),
@@ -87,6 +88,27 @@ def w8a8_settings() -> dict:
 W8A8_NAMES = set(w8a8_settings()) - set(SETTINGS)
 
 
+def rotation_settings() -> dict:
+    """Rotation settings (--rotation, docs/rotation.md): each 4-bit setting with and without the
+    rotation pass before it (R1 random Hadamard + R2 heads + R4 online down_proj; "r1" rows: the
+    residual rotation alone, exported as a plain checkpoint)."""
+    rot, r1 = compress.RotationConfig(), compress.RotationConfig(heads=False, down_proj=False)
+    return {
+        "nvfp4-rtn": SETTINGS["nvfp4-rtn"],
+        "rot-nvfp4-rtn": [rot, compress.RTNConfig(scheme="nvfp4")],
+        "nvfp4-gptq": SETTINGS["nvfp4-gptq"],
+        "rot-nvfp4-gptq": [rot, compress.GPTQConfig(scheme="nvfp4", observer="mse")],
+        "rot-r1-nvfp4-gptq": [r1, compress.GPTQConfig(scheme="nvfp4", observer="mse")],
+        "nvfp4a16-gptq": SETTINGS["nvfp4a16-gptq"],
+        "rot-nvfp4a16-gptq": [rot, compress.GPTQConfig(scheme="nvfp4a16", observer="mse")],
+        "gptq-w4g64-sym": SETTINGS["gptq-w4g64-sym"],
+        "rot-gptq-w4g64-sym": [rot, compress.GPTQConfig(bits=4, group_size=64, symmetric=True)],
+    }
+
+
+ROTATION_NAMES = set(rotation_settings()) - set(SETTINGS)
+
+
 def ideal_bytes(model) -> int:
     """Codes at exactly `bits` per weight, scales (and packed zero points) in their dtype, every
     other tensor as stored; tied weights once."""
@@ -167,6 +189,10 @@ def run_setting(name, cfg, base, tok, args) -> dict:
                 ours, _ = compress.load_model(path, dtype="bfloat16")
                 row["reload_bf16_perplexity"] = perplexity(ours, tok, args)
                 del ours
+            if json.loads((path / "config.json").read_text())["quantization_config"].get("transform_config"):
+                # online rotations: transformers 5.x ignores transform_config and computes wrong outputs
+                row["transformers_error"] = "not run: online transforms (transform_config), which transformers ignores"
+                return row
             try:
                 theirs = AutoModelForCausalLM.from_pretrained(path, **kwargs)
                 row["transformers_perplexity"] = perplexity(theirs, tok, args)
@@ -199,11 +225,13 @@ def main(argv=None) -> int:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", nargs="*", choices=sorted(set(SETTINGS) | W8A8_NAMES),
+    p.add_argument("--only", nargs="*", choices=sorted(set(SETTINGS) | W8A8_NAMES | ROTATION_NAMES),
                    help="settings to run (default: float and the integer settings)")
     p.add_argument("--fp4", action="store_true", help="run float and the FP4 settings (NVFP4A16, W4A4, MXFP4)")
     p.add_argument("--w8a8", action="store_true", help="run float and the W8A8 (FP8, INT8) and smoothing settings "
                    "(SmoothQuant, AWQ), with GPTQ int4 alone for the time comparison")
+    p.add_argument("--rotation", action="store_true", help="run float and the 4-bit settings with and without the "
+                   "rotation pass (docs/rotation.md)")
     p.add_argument("--verify", action="store_true", help="reload each export (compress and transformers)")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "quantization-smollm2.json"))
     args = p.parse_args(argv)
@@ -214,7 +242,10 @@ def main(argv=None) -> int:
     settings = dict(SETTINGS)
     if args.w8a8 or set(args.only or ()) & W8A8_NAMES:
         settings.update(w8a8_settings())
+    if args.rotation or set(args.only or ()) & ROTATION_NAMES:
+        settings.update(rotation_settings())
     names = args.only or (["float", *FP4] if args.fp4 else ["float", *w8a8_settings()] if args.w8a8
+                          else ["float", *rotation_settings()] if args.rotation
                           else [n for n in SETTINGS if n not in FP4])
     for name in names:
         rows.append(run_setting(name, settings[name], base, tok, args))

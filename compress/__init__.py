@@ -33,12 +33,13 @@ from .kv.cache import QuantizedKVCache  # noqa: E402
 from .kv.config import KVCacheConfig  # noqa: E402
 from .quant.linear import QuantLinear  # noqa: E402
 from .runtime import set_backend  # noqa: E402
+from .rotation.config import RotationConfig  # noqa: E402
 from .smoothing.config import AWQConfig, SmoothQuantConfig  # noqa: E402
 
 __all__ = [
     "__version__", "apply", "prune", "quantize", "distill", "DistillConfig", "TeacherTargets", "compute_targets", "MagnitudeConfig", "WandaConfig", "SparseGPTConfig", "StructuredConfig", "LoRAConfig", "export", "inspect_checkpoint", "config_from_dict", "registered_methods",
     "CalibrationData", "calibration_data", "evaluate", "generate", "EvalResult", "load_model", "GPTQConfig",
-    "RTNConfig", "SmoothQuantConfig", "AWQConfig", "QuantLinear", "KVCacheConfig", "QuantizedKVCache", "kv_cache", "generation_agreement",
+    "RTNConfig", "SmoothQuantConfig", "AWQConfig", "RotationConfig", "QuantLinear", "KVCacheConfig", "QuantizedKVCache", "kv_cache", "generation_agreement",
     "AgreementResult", "set_backend", "benchmark", "BenchSettings", "BenchResult", "CompressError",
     "ConfigError", "CheckpointError", "DataError", "MissingPathError", "ModelLoadError",
 ]

@@ -10,6 +10,7 @@ beside its handler; importing this module makes them all known to api, CLI and r
     lora                compress/lora/train.py
     distill             compress/distillation/apply.py
     smoothquant, awq    compress/smoothing/apply.py
+    rotate              compress/rotation/apply.py
 
 A method of your own registers the same way, from your code: ``register_method(MyConfig, my_handler,
 area="quantize")``; see docs/methods.md.
@@ -22,4 +23,5 @@ from .pruning import apply as _pruning  # noqa: F401
 from .pruning import experts as _experts  # noqa: F401
 from .pruning import structured as _structured  # noqa: F401
 from .quant import apply as _quant  # noqa: F401
+from .rotation import apply as _rotation  # noqa: F401
 from .smoothing import apply as _smoothing  # noqa: F401

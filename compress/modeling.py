@@ -13,6 +13,7 @@ from accelerate.utils import named_module_tensors, set_module_tensor_to_device
 from torch import nn
 
 from .errors import ModelLoadError
+from .transforms import carry_input_transform
 
 
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -34,8 +35,12 @@ def get_module(root: nn.Module, name: str) -> nn.Module:
 
 
 def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule ``name`` by ``new``; an online input transform of the old module (a
+    rotation pass's, compress/transforms.py) goes with it."""
     parent_name, _, child = name.rpartition(".")
-    setattr(get_module(root, parent_name), child, new)
+    parent = get_module(root, parent_name)
+    carry_input_transform(getattr(parent, child, None), new)
+    setattr(parent, child, new)
 
 
 def name_matches(name: str, patterns: list[str] | tuple[str, ...]) -> bool:

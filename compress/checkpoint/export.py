@@ -32,6 +32,7 @@ from .adapter import CONFIG_KEY as ADAPTER_KEY
 from .adapter import adapter_replacements, write_adapters
 from .compressed_tensors import quantization_config
 from .safetensors_io import DEFAULT_SHARD_BYTES, write_state_dict
+from .transforms import check_exportable, transform_config, transform_tensors, warn_transformers
 from .sparse_layout import CONFIG_KEY as SPARSITY_KEY
 from .sparse_layout import check_layout, compact_replacements, dense_replacements, sparsity_config, swapped
 
@@ -104,11 +105,13 @@ def _export(model: nn.Module, tokenizer, path, overwrite: bool, max_shard_bytes:
     path.parent.mkdir(parents=True, exist_ok=True)
     _warn_partial_groups(model)
     _warn_fp8_blocks(model)
+    check_exportable(model)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         model_type = getattr(model.config, "model_type", "")
         state = checkpoint_layout(model, checkpoint_state_dict(model))      # GPT-2's dense Conv1D weights: (in, out)
         state = {to_checkpoint_name(model_type, k): v for k, v in state.items()}
+        state.update(transform_tensors(model))                       # the rotation's online matrices
         meta = {"compress_version": __version__, **(metadata or {})}
         write_state_dict(state, tmp, metadata=meta, max_shard_bytes=max_shard_bytes)
         config = model.config.to_dict()
@@ -117,6 +120,7 @@ def _export(model: nn.Module, tokenizer, path, overwrite: bool, max_shard_bytes:
             config["architectures"] = [type(model).__name__]    # vLLM picks the model class from this
         qc = quantization_config(model)
         if qc is not None:
+            qc["transform_config"] = transform_config(model)
             config["quantization_config"] = qc
             warn_quantized_conv1d(model, _packed_decoder_modules(model))
         config.pop(SPARSITY_KEY, None)
@@ -137,6 +141,7 @@ def _export(model: nn.Module, tokenizer, path, overwrite: bool, max_shard_bytes:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    warn_transformers(model, path)
     log.info("exported %s", path)
     return path
 

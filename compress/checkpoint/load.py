@@ -32,6 +32,7 @@ from .compressed_tensors import install_quant_linears, parse_kv_cache_scheme
 from .safetensors_io import read_state_dict
 from .sparse_layout import CONFIG_KEY as SPARSITY_KEY
 from .sparse_layout import install_sparse_linears
+from .transforms import install_transforms
 
 
 def unsupported_model(source, exc: Exception) -> ModelLoadError:
@@ -78,6 +79,8 @@ def load_compressed(directory: Path, dtype="auto") -> nn.Module:
         install_sparse_linears(model, sparse, f"{directory}/config.json")
     if qc.get("kv_cache_scheme"):
         install_kv_scales(model, qc["kv_cache_scheme"], f"{directory}/config.json")
+    if qc.get("transform_config"):                                 # the rotation's online transforms
+        install_transforms(model, qc["transform_config"], state, f"{directory}/config.json")
     state = checkpoint_layout(model, state)    # the dense linears that were Conv1D: stored (in, out)
     expected = model.state_dict()
     tied = _tied_keys(model, config)

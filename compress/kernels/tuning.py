@@ -58,19 +58,18 @@ class KernelConfig:
         raise KeyError(name)
 
 
-# One token (BLOCK_M = 1): (BLOCK_N, BLOCK_K, warps, stages). A GEMV is bound by the loads in
-# flight, not by its instruction count (docs/kernel-budget.md, "What the H200 measured"), so beside
-# the tiles measured on the H200 (stages 1: plain loads) compete the same loop through the cp.async
-# pipeline (stages 3: each program keeps two more tiles in flight, for a shared-memory round trip)
-# and tiles of 2 or 4 whole groups of 128 (BLOCK_K 256 / 512: GROUP_MODE 3 in
-# dequant_linear_triton.py, every sub-tile's words loaded before the first is decoded).
+# One token (BLOCK_M = 1): (BLOCK_N, BLOCK_K, warps, stages). Besides plain loads (stages 1) the
+# loop can stream its weights through the cp.async pipeline (stages 3: two tiles ahead, for a
+# shared-memory round trip), and tiles can span 2 or 4 whole groups of 128 (BLOCK_K 256 / 512:
+# GROUP_MODE 3 in dequant_linear_triton.py, every group's words loaded before the first is decoded).
+# Measured on an H200 (benchmarks/results/gemv-sweep-h200.json, Llama-3-8B MLP shapes): at the
+# best split (8) plain loads win (20.0-22.2 us); the pipeline only helps with one split (23.4 us
+# against 33-38 us), and the wide tiles never lead.
 _GEMV_TILES = ((32, 128, 4, 1), (64, 128, 4, 1), (128, 128, 4, 1), (32, 128, 4, 3), (64, 128, 4, 3),
                (64, 256, 8, 1), (32, 256, 4, 1), (64, 512, 4, 1), (64, 512, 4, 3), (32, 512, 4, 3))
-# The ones the autotuner times on first use (each costs a compile, ~1 s): the measured family, and
-# the pipelined and the 4-group tile in their best-guess shape. benchmarks/gemv_sweep.py times
-# every _GEMV_TILES entry, to move this list on measurements.
-_GEMV_AUTOTUNE = ((32, 128, 4, 1), (64, 128, 4, 1), (128, 128, 4, 1), (64, 128, 4, 3), (64, 512, 4, 1),
-                  (64, 512, 4, 3))
+# The ones the autotuner times on first use (each costs a compile, ~1 s): the measured leaders and
+# the best one-split tile. benchmarks/gemv_sweep.py times every _GEMV_TILES entry.
+_GEMV_AUTOTUNE = ((32, 128, 4, 1), (64, 128, 4, 1), (128, 128, 4, 1), (64, 512, 4, 3))
 # BLOCK_M = 16 reduces with tl.dot, which Triton pipelines at any stage count.
 _SMALL_M_TILES = ((32, 128, 4, 3), (64, 128, 4, 3), (128, 128, 4, 3), (64, 256, 8, 3), (32, 256, 4, 3))
 
@@ -140,9 +139,11 @@ def heuristic_config(m: int, n: int, k: int, group_size: int | None, sm_count: i
     n_tiles = -(-n // block_n)
     k_tiles = -(-k // block_k)
     split_k = 1
-    # Aim for four programs per SM so that loads from several programs overlap, but keep at least
-    # two K tiles in every slice.
-    while n_tiles * split_k < 4 * sm_count and split_k * 2 <= 8 and k_tiles // (split_k * 2) >= 2:
+    # Aim for several programs per SM so that loads from several programs overlap (one token: eight;
+    # measured on an H200, split 8 beat 4 on both Llama-3-8B MLP shapes, 21.0 vs 22.0 and 22.2 vs
+    # 31.8 us), but keep at least two K tiles in every slice.
+    per_sm = 8 if m == 1 else 4
+    while n_tiles * split_k < per_sm * sm_count and split_k * 2 <= 8 and k_tiles // (split_k * 2) >= 2:
         split_k *= 2
     return KernelConfig("splitk", block_m, block_n, block_k, split_k, 1, 4, stages)
 
