@@ -4,6 +4,7 @@
     python benchmarks/kv_cache.py --chunk 8               # 8 tokens per forward, ~25 minutes (the docs table)
     python benchmarks/kv_cache.py --only int4-w128 int2-w128 --agreement
     python benchmarks/kv_cache.py --chunk 16              # chunked prefill instead of token-by-token
+    python benchmarks/kv_cache.py --chunk 8 --rotate-values --only int2-w128 int2-w128-rot   # R2 first
 
 For each cache setting: WikiText-2 test perplexity over the first 40 windows of 512 tokens, each
 window decoded through a fresh cache ``--chunk`` tokens per forward (1 = token by token, every
@@ -76,6 +77,10 @@ def bytes_row(cfg: KVCacheConfig | None, kv_heads: int, head_dim: int, context: 
 def run(args) -> dict:
     torch.manual_seed(0)
     model, tok = compress.load_model(args.model)
+    if args.rotate_values:
+        # R2 of the rotation pass (docs/rotation.md): each value head rotated by a Hadamard, undone in
+        # o_proj's weights, so the cache stores values without outlier channels; the float model is unchanged
+        compress.quantize(model, compress.RotationConfig(residual=None, heads=True, down_proj=False))
     n_layers, kv_heads, head_dim = attention_geometry(model.config)
     test = windows(tok, args.test, args.seqlen)[:args.max_windows]
     prompt_ids = windows(tok, args.test, args.prompt_len)
@@ -108,7 +113,8 @@ def run(args) -> dict:
             row["agreement"] = agree.to_dict()
         rows.append(row)
         print(_line(row, rows[0]), flush=True)
-    return {"model": args.model, "data": str(args.test), "seqlen": args.seqlen, "windows": int(test.shape[0]),
+    return {"model": args.model, "rotate_values": args.rotate_values, "data": str(args.test), "seqlen": args.seqlen,
+            "windows": int(test.shape[0]),
             "chunk": args.chunk, "geometry": {"layers": n_layers, "kv_heads": kv_heads, "head_dim": head_dim},
             "new_tokens": args.new_tokens, "prompts": args.prompts, "prompt_len": args.prompt_len,
             "machine": machine(), "command": " ".join(sys.argv), "results": rows}
@@ -146,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--agreement", nargs="*", choices=list(SETTINGS), default=AGREEMENT,
                    help="settings that also get the long-generation check (none: --agreement with no names)")
+    p.add_argument("--rotate-values", action="store_true", help="apply the rotation pass's R2 (a Hadamard on each "
+                   "value head, folded into v_proj and o_proj) before measuring")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "kv-cache-smollm2.json"))
     args = p.parse_args(argv)

@@ -81,6 +81,9 @@ def w8a8_settings() -> dict:
         "awq-w4g64-gptq": [awq, compress.GPTQConfig(bits=4, group_size=64, symmetric=True)],
         "awq-noclip-w4g64-gptq": [dataclasses.replace(awq, clip=False),
                                   compress.GPTQConfig(bits=4, group_size=64, symmetric=True)],
+        # W4A8 (docs/w8a8.md, "W4A8"): int4 g64 weights, activations rounded per token to int8 / FP8
+        "w4a8-int8-gptq": compress.GPTQConfig(scheme="w4a8-int8", group_size=64),
+        "w4a8-fp8-gptq": compress.GPTQConfig(scheme="w4a8-fp8", group_size=64),
     }
 
 

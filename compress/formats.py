@@ -37,12 +37,22 @@ Spellings (case-insensitive; ``str`` gives the first form of each):
     w8a8-int8          INT8 symmetric weights, a scale per output channel; INT8 symmetric activations
                        with a dynamic scale per token (llm-compressor's W8A8 / INT8)
     w8a8-int8-static   the same weights; INT8 activations with one static scale per tensor
+    w4a8-int8-g64      W4A8: int4 symmetric weights, a scale per 64 inputs (per output channel
+                       without -g; -partial as for int); INT8 symmetric activations with a dynamic
+                       scale per token (compressed-tensors' W4A8 preset; QServe's W4A8 without its
+                       progressive per-channel int8 step)
+    w4a8-fp8-g128      the same weights; FP8 E4M3 activations, dynamic per token (W4AFP8, which
+                       vLLM serves on Hopper with group 128)
 
 ``kind`` names the storage ("dense", "int", "nvfp4", "mxfp4", "fp8") and ``act_quant`` whether the
 activations are quantized too; ``weight_strategy`` (fp8 only: "channel", "tensor", "block") and
 ``act_strategy`` (W8A8 only: "token", "group", "tensor") say how the scales are laid out. The W8A8
 formats are exactly the five rows above: other combinations of these fields are refused. ``int8``
-stays the weight-only format; ``w8a8-int8`` is ``int8`` with ``act_quant``.
+stays the weight-only format; ``w8a8-int8`` is ``int8`` with ``act_quant``. The W4A8 formats are
+``int4`` (any group size) with ``act_quant``, ``act_strategy`` "token" and ``act_dtype`` ("int8" or
+"fp8", the activation codes; W8A8 activations follow their weights' kind and leave it None). They
+keep the weight-only storage (QuantLinear's packed int32 words, compressed-tensors
+``pack-quantized``), which rounds its inputs itself.
 
 Not part of a format: the observer (how a solver chose the scales) and GPTQ's ``actorder``. They do
 not change what the stored numbers mean, so layers solved differently still share a format (the
@@ -78,9 +88,14 @@ _W8A8_SCHEMES = {"fp8": ("fp8", "channel", "token"), "fp8-block": ("fp8", "block
                  "fp8-static": ("fp8", "tensor", "tensor"), "w8a8-int8": ("int", None, "token"),
                  "w8a8-int8-static": ("int", None, "tensor")}
 W8A8_SCHEMES = tuple(_W8A8_SCHEMES)
+# The W4A8 schemes: scheme -> activation codes. Weights int4 symmetric per group (or channel) from
+# the config's group_size; activations rounded with a dynamic scale per token.
+_W4A8_SCHEMES = {"w4a8-int8": "int8", "w4a8-fp8": "fp8"}
+W4A8_SCHEMES = tuple(_W4A8_SCHEMES)
+_W4A8_RE = re.compile(r"^(?P<scheme>w4a8-(?:int8|fp8))(?:-g(?P<g>\d+))?(?P<partial>-partial)?$")
 # FP8 block scheme: weight scales per W8A8_BLOCK x W8A8_BLOCK block, activation scales per 1 x W8A8_BLOCK.
 W8A8_BLOCK = 128
-SCHEMES = ("int",) + FP4_SCHEMES + W8A8_SCHEMES     # the values of IntWeightConfig.scheme
+SCHEMES = ("int",) + FP4_SCHEMES + W8A8_SCHEMES + W4A8_SCHEMES     # the values of IntWeightConfig.scheme
 # compressed-tensors' "format" of a config group, per kind (integer W8A8: "int-quantized", see ct_format).
 CT_FORMATS = {"int": "pack-quantized", "nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized",
               "fp8": "float-quantized"}
@@ -90,11 +105,14 @@ _INT_RE = re.compile(r"^(?P<u>u?)int(?P<bits>\d+)(?:-g(?P<g>\d+))?(?P<asym>-asym
 SPELLINGS = ("bf16, int8 (a scale per output channel), int4-g64 (a scale per 64 inputs), int3-g64-asym "
              "(zero points; uint3-g64 reads the same), int4-g128-partial (a narrower last group allowed), "
              "nvfp4a16, nvfp4 (W4A4), mxfp4, fp8 (W8A8, per-token activations), fp8-block, fp8-static, "
-             "w8a8-int8 or w8a8-int8-static")
+             "w8a8-int8, w8a8-int8-static, w4a8-int8-g64 (W4A8: int4 weights, int8 activations per token) or "
+             "w4a8-fp8-g128 (FP8 activations)")
 
 # (kind, act_quant or None for both) -> (packed module class, solver grid class), registered by
 # compress.quant.formats. Integer weights are stored two ways: packed int32 words (weight-only,
 # QuantLinear) or plain int8 beside int8 activations (W8A8Linear), so "int" registers per act_quant.
+# W4A8 formats look up act_quant=False: their weights are stored packed like weight-only int4, and
+# QuantLinear rounds the activations itself (see WeightFormat._classes).
 _KIND_CLASSES: dict[tuple[str, bool | None], tuple[type, type]] = {}
 
 
@@ -141,8 +159,10 @@ class WeightFormat:
     partial_groups: int only: the last group of a row may be narrower than group_size
     weight_strategy: fp8 only: "channel" (a scale per output row), "tensor" (one scale) or "block"
                     (a scale per 128x128 block; group_size 128, a narrower last block allowed)
-    act_strategy:   W8A8 only: "token" (dynamic per row), "group" (dynamic per 1x128) or "tensor"
-                    (static, from calibration)
+    act_strategy:   W8A8 and W4A8: "token" (dynamic per row), "group" (dynamic per 1x128) or
+                    "tensor" (static, from calibration); W4A8 is always "token"
+    act_dtype:      W4A8 only: the activation codes, "int8" or "fp8" (E4M3). None elsewhere (W8A8
+                    activations are of their weights' kind)
     """
 
     kind: str
@@ -153,6 +173,7 @@ class WeightFormat:
     partial_groups: bool = False
     weight_strategy: str | None = None
     act_strategy: str | None = None
+    act_dtype: str | None = None
 
     def __post_init__(self) -> None:
         problem = self._problem()
@@ -164,7 +185,7 @@ class WeightFormat:
         if kind not in KINDS:
             return f"weight format kind must be one of {', '.join(KINDS)}, got {kind!r}"
         if kind == "fp8" or self.act_strategy is not None or self.weight_strategy is not None or (
-                kind == "int" and self.act_quant):
+                self.act_dtype is not None or (kind == "int" and self.act_quant)):
             return self._w8a8_problem()
         if kind == "dense":
             if (bits, g, self.symmetric, self.act_quant, self.partial_groups) != (16, None, True, False, False):
@@ -190,27 +211,57 @@ class WeightFormat:
         return None
 
     def _w8a8_problem(self) -> str | None:
-        """W8A8 formats are the rows of _W8A8_SCHEMES, nothing in between."""
-        if self._w8a8_scheme() is None:
+        """Formats with quantized activations (other than nvfp4) are the rows of _W8A8_SCHEMES and
+        _W4A8_SCHEMES, nothing in between."""
+        if self._w8a8_scheme() is None and self._w4a8_scheme() is None:
             return (f"{self.kind} weights with weight_strategy={self.weight_strategy!r}, act_strategy="
-                    f"{self.act_strategy!r}, bits={self.bits}, group_size={self.group_size}, symmetric="
-                    f"{self.symmetric} is not a W8A8 format compress runs; use one of {', '.join(W8A8_SCHEMES)}")
+                    f"{self.act_strategy!r}, act_dtype={self.act_dtype!r}, bits={self.bits}, group_size="
+                    f"{self.group_size}, symmetric={self.symmetric} is not a W8A8 format compress runs (nor a "
+                    f"W4A8 one); use one of {', '.join(W8A8_SCHEMES + W4A8_SCHEMES)}")
         return None
+
+    def _w4a8_scheme(self) -> str | None:
+        """The W4A8 scheme these fields spell (int4 symmetric, any valid grouping, activations
+        dynamic per token in ``act_dtype``), or None."""
+        g = self.group_size
+        if (self.kind, self.bits, self.symmetric, self.act_quant, self.weight_strategy, self.act_strategy) != (
+                "int", 4, True, True, None, "token"):
+            return None
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g <= 0):
+            return None
+        if self.partial_groups and g is None:
+            return None
+        return next((s for s, act in _W4A8_SCHEMES.items() if act == self.act_dtype), None)
 
     def _w8a8_scheme(self) -> str | None:
         """The W8A8 scheme these fields spell exactly, or None."""
         for scheme, (kind, weight_strategy, act_strategy) in _W8A8_SCHEMES.items():
             group = W8A8_BLOCK if weight_strategy == "block" else None
             if (self.kind, self.bits, self.group_size, self.symmetric, self.act_quant, self.partial_groups,
-                    self.weight_strategy, self.act_strategy) == (kind, 8, group, True, True, False, weight_strategy,
-                                                                 act_strategy):
+                    self.weight_strategy, self.act_strategy, self.act_dtype) == (
+                        kind, 8, group, True, True, False, weight_strategy, act_strategy, None):
                 return scheme
         return None
 
     @property
     def w8a8(self) -> bool:
         """FP8 or INT8 weights with FP8 / INT8 activations (W8A8Linear)."""
-        return self.act_strategy is not None
+        return self.act_strategy is not None and self.act_dtype is None
+
+    @property
+    def w4a8(self) -> bool:
+        """int4 weights (packed, QuantLinear) with INT8 / FP8 activations dynamic per token."""
+        return self.act_dtype is not None
+
+    @property
+    def act_codes(self) -> str | None:
+        """What the activations are rounded to at run time: "int8" or "fp8" (W8A8, W4A8), "nvfp4"
+        (W4A4), None when they stay in the model dtype."""
+        if not self.act_quant:
+            return None
+        if self.w4a8:
+            return self.act_dtype
+        return {"fp8": "fp8", "int": "int8"}.get(self.kind, self.kind)
 
     @property
     def static_activations(self) -> bool:
@@ -229,6 +280,15 @@ class WeightFormat:
             return cls("dense", 16)
         if text in _FP4_SCHEMES or text in _W8A8_SCHEMES:
             return cls.from_scheme(text)
+        m = _W4A8_RE.match(text)
+        if m is not None:
+            if m["partial"] and not m["g"]:
+                raise ConfigError(f"weight format {original!r}: -partial needs a group size (w4a8-int8-g128-partial); "
+                                  f"valid spellings: {SPELLINGS}")
+            try:
+                return cls.from_scheme(m["scheme"], 4, int(m["g"]) if m["g"] else None, True, bool(m["partial"]))
+            except ConfigError as exc:
+                raise ConfigError(f"weight format {original!r}: {exc}; valid spellings: {SPELLINGS}") from None
         m = _INT_RE.match(text)
         if m is None:
             raise ConfigError(f"unknown weight format {original!r}; valid spellings: {SPELLINGS}")
@@ -242,6 +302,9 @@ class WeightFormat:
             raise ConfigError(f"weight format {original!r}: {exc}; valid spellings: {SPELLINGS}") from None
 
     def __str__(self) -> str:
+        if self.w4a8:
+            return (f"{self.scheme}{'' if self.group_size is None else f'-g{self.group_size}'}"
+                    f"{'-partial' if self.partial_groups else ''}")
         if self.kind == "int" and not self.w8a8:
             return (f"int{self.bits}{'' if self.group_size is None else f'-g{self.group_size}'}"
                     f"{'' if self.symmetric else '-asym'}{'-partial' if self.partial_groups else ''}")
@@ -258,9 +321,11 @@ class WeightFormat:
     @property
     def scheme(self) -> str:
         """The scheme as configs name it: int, nvfp4a16, nvfp4, mxfp4, fp8, fp8-block, fp8-static,
-        w8a8-int8, w8a8-int8-static (dense: "dense")."""
+        w8a8-int8, w8a8-int8-static, w4a8-int8, w4a8-fp8 (dense: "dense")."""
         if self.w8a8:
             return self._w8a8_scheme()
+        if self.w4a8:
+            return self._w4a8_scheme()
         if self.kind in ("dense", "int"):
             return self.kind
         return next(s for s, (k, act) in _FP4_SCHEMES.items() if (k, act) == (self.kind, self.act_quant))
@@ -285,9 +350,23 @@ class WeightFormat:
         """The format of a config's fields. The FP4 and W8A8 schemes fix their layout, so
         ``group_size`` and ``partial_groups`` do not apply to them (but must still be valid values);
         ``partial_groups`` of a per-channel integer format means nothing and is dropped. W8A8
-        schemes take ``bits`` 8 or the config default 4 (the field left alone)."""
+        schemes take ``bits`` 8 or the config default 4 (the field left alone). W4A8 schemes take
+        ``group_size`` and ``partial_groups`` like "int" and refuse bits other than 4 and
+        asymmetric weights (the int8 x int4 kernels have no zero points)."""
         if scheme not in SCHEMES:
             raise ConfigError(f"scheme must be one of {', '.join(SCHEMES)}; got {scheme!r}")
+        if scheme in _W4A8_SCHEMES:
+            if bits != 4:
+                raise ConfigError(f"scheme {scheme!r} stores 4-bit integer weights; drop bits (or set it to 4), got "
+                                  f"{bits}. For 8-bit weights with 8-bit activations use w8a8-int8 or fp8")
+            if not symmetric:
+                raise ConfigError(f"scheme {scheme!r} is symmetric (W4A8 kernels take no zero points); drop "
+                                  f"symmetric: false")
+            if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
+                                           or group_size <= 0):
+                raise ConfigError(f"group_size must be a positive integer or null (per channel), got {group_size}")
+            return cls("int", 4, group_size, True, act_quant=True, partial_groups=partial_groups and group_size is not None,
+                       act_strategy="token", act_dtype=_W4A8_SCHEMES[scheme])
         if scheme in _W8A8_SCHEMES:
             if bits not in (4, 8):
                 raise ConfigError(f"scheme {scheme!r} stores 8-bit weights; drop bits (or set it to 8), got {bits}")
@@ -323,7 +402,7 @@ class WeightFormat:
     def config_fields(self) -> dict[str, Any]:
         """The fields an RTN/GPTQ config (or one of its overrides) takes for this format."""
         if self.kind == "int" and not self.w8a8:
-            out = {"scheme": "int", "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+            out = {"scheme": self.scheme, "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
             if self.partial_groups:
                 out["partial_groups"] = True
             return out
@@ -368,7 +447,9 @@ class WeightFormat:
     def _classes(self) -> tuple[type, type]:
         if self.dense:
             raise ConfigError("bf16 is not quantized: it has no solver grid and no packed module")
-        classes = _KIND_CLASSES.get((self.kind, self.act_quant)) or _KIND_CLASSES.get((self.kind, None))
+        # W4A8 keeps the weight-only storage (packed int4 words): QuantLinear, which rounds its inputs.
+        stored_act = self.act_quant and not self.w4a8
+        classes = _KIND_CLASSES.get((self.kind, stored_act)) or _KIND_CLASSES.get((self.kind, None))
         if classes is None:
             raise ConfigError(f"no packed module is registered for {self}; compress.quant.formats registers "
                               f"{', '.join(KINDS[1:])} (import compress)")
@@ -424,8 +505,11 @@ class WeightFormat:
     # --- compressed-tensors ---------------------------------------------------------------------
     @property
     def ct_format(self) -> str:
-        """The config group's ``format``: pack-quantized, nvfp4-pack-quantized, mxfp4-pack-quantized,
-        float-quantized (FP8 W8A8), int-quantized (INT8 W8A8)."""
+        """The config group's ``format``: pack-quantized (integer weight-only and W4A8),
+        nvfp4-pack-quantized, mxfp4-pack-quantized, float-quantized (FP8 W8A8), int-quantized (INT8
+        W8A8). W4A8 is pack-quantized as llm-compressor saves W4AFP8 and as vLLM's W4A8 kernels read
+        it (``weight_packed`` int32); compressed-tensors 0.20's own inference would say int-quantized
+        (unpacked int8 codes), which only vLLM's older CPU W4A8 path reads. See docs/w8a8.md."""
         if self.dense:
             raise ConfigError("bf16 has no compressed-tensors form: a dense layer is listed in 'ignore'")
         return CT_INT_W8A8 if self.kind == "int" and self.w8a8 else CT_FORMATS[self.kind]
@@ -474,10 +558,12 @@ class WeightFormat:
         """The config group's ``input_activations`` (None: activations stay in the model dtype)."""
         if not self.act_quant:
             return None
-        if self.w8a8:
+        if self.w8a8 or self.w4a8:
+            # W4A8: compressed-tensors' W4A8 / W4AFP8 presets (8 bits, token, symmetric, dynamic).
             args = {"dynamic": self.act_strategy != "tensor",
                     "group_size": W8A8_BLOCK if self.act_strategy == "group" else None, "num_bits": 8,
-                    "strategy": self.act_strategy, "symmetric": True, "type": "float" if self.kind == "fp8" else "int"}
+                    "strategy": self.act_strategy, "symmetric": True,
+                    "type": "float" if self.act_codes == "fp8" else "int"}
             if self.act_strategy == "tensor":
                 args["observer"] = "static_minmax"        # the calibration inputs' max |x|, as FP8's preset says
             return args
@@ -502,19 +588,17 @@ class WeightFormat:
                                   f"{CT_FORMATS['nvfp4']}, {CT_FORMATS['mxfp4']} and the W8A8 "
                                   f"{CT_FORMATS['fp8']}, {CT_INT_W8A8} schemes ({', '.join(W8A8_SCHEMES)})")
         if kind == "int":
-            if input_activations:
-                raise CheckpointError(f"{where} quantizes activations, which compress does not run yet; load "
-                                      f"it with vLLM")
             strategy = w.get("strategy")
             if strategy not in ("group", "channel"):
                 raise CheckpointError(f"{where} has weight strategy {strategy!r}; compress runs 'group' and "
                                       f"'channel'")
             try:
-                return cls("int", int(w["num_bits"]), w.get("group_size") if strategy == "group" else None,
-                           bool(w.get("symmetric", True)))
+                fmt = cls("int", int(w["num_bits"]), w.get("group_size") if strategy == "group" else None,
+                          bool(w.get("symmetric", True)))
             except (ConfigError, KeyError, TypeError, ValueError) as exc:
                 raise CheckpointError(f"{where}: weights {w} are not a valid integer format ({exc}); the config "
                                       f"is damaged") from None
+            return fmt if not input_activations else cls._w4a8_from_args(fmt, input_activations, where)
         weight_only = cls(kind, 4, BLOCK[kind])
         want = weight_only.weights_args()
         for key in ("num_bits", "type", "group_size", "strategy"):
@@ -530,6 +614,21 @@ class WeightFormat:
                 return w4a4
         raise CheckpointError(f"{where}: activations quantized as {input_activations}; compress simulates NVFP4 "
                               f"W4A4 (dynamic 'local' {BLOCK['nvfp4']}-blocks) only; load this checkpoint with vLLM")
+
+    @classmethod
+    def _w4a8_from_args(cls, weights: WeightFormat, input_activations: dict[str, Any], where: str) -> WeightFormat:
+        """The W4A8 format of pack-quantized ``weights`` whose ``input_activations`` match a W4A8
+        scheme's key by key; CheckpointError naming ``where`` otherwise."""
+        keys = ("num_bits", "type", "strategy", "symmetric", "dynamic", "group_size")
+        if weights.bits == 4 and weights.symmetric:
+            for scheme in W4A8_SCHEMES:
+                fmt = cls.from_scheme(scheme, 4, weights.group_size, True)
+                if all(_ct_value(input_activations, k) == _ct_value(fmt.input_args(), k) for k in keys):
+                    return fmt
+        raise CheckpointError(f"{where} quantizes activations as {input_activations} over {weights} weights; "
+                              f"compress runs int4 symmetric weights with 8-bit activations dynamic per token "
+                              f"({', '.join(W4A8_SCHEMES)}: compressed-tensors' W4A8 and W4AFP8); load this "
+                              f"checkpoint with vLLM")
 
     @classmethod
     def _from_w8a8_args(cls, ct_format: str, w: dict[str, Any], input_activations: dict[str, Any] | None,
@@ -550,6 +649,12 @@ class WeightFormat:
                 return fmt
         ours = ", ".join(s for s, (k, _, _) in _W8A8_SCHEMES.items() if k == kind)
         what = "weight-only (16-bit activations)" if not input_activations else f"activations {input_activations}"
+        if kind == "int" and w.get("num_bits") == 4:
+            raise CheckpointError(f"{where}: format {ct_format!r} with 4-bit weights {w} stores W4A8 codes unpacked "
+                                  f"(one int8 per weight; compressed-tensors' default for its W4A8 preset); compress "
+                                  f"reads W4A8 as 'pack-quantized' (weight_packed), as vLLM's W4A8 GPU kernels do. "
+                                  f"Load this checkpoint with vLLM, or re-save it with "
+                                  f"quantization_format='pack-quantized'")
         raise CheckpointError(f"{where}: format {ct_format!r} with weights {w} and {what} is not a W8A8 variant "
                               f"compress runs ({ours}: compressed-tensors' FP8_DYNAMIC, FP8_BLOCK, FP8 and W8A8 "
                               f"presets); load this checkpoint with vLLM")

@@ -35,6 +35,14 @@ sources read, paths in vllm-project/vllm):
 - ``.../compressed_tensors/schemes/compressed_tensors_w8a8_int8.py`` (``CompressedTensorsW8A8Int8``):
   int8 ``weight`` (out, in), ``weight_scale`` float32 (out, 1) per channel, ``input_scale`` (1,)
   (its max) when static, ``input_zero_point`` only for asymmetric activations (we write symmetric).
+
+W4A8 (w4a8-int8, w4a8-fp8; docs/w8a8.md, "W4A8"): the ``pack-quantized`` tensors of int4 weights
+plus ``input_activations`` 8-bit, dynamic, per token (compressed-tensors 0.20.1's W4A8 / W4AFP8
+presets). ``pack-quantized`` rather than compressed-tensors' inferred ``int-quantized`` (unpacked
+int8 codes) because vLLM's W4A8 kernels read packed words: ``_is_fp8_w4a8`` ->
+``CompressedTensorsW4A8Fp8`` (``weight_packed`` int32, group 128, sm90) whatever the format, and
+``_is_wNaM_int`` -> ``CompressedTensorsWNA8Int`` only for ``pack-quantized``. ``install_quant_linears``
+rebuilds them as ``QuantLinear`` with ``act_dtype`` (the format's ``empty_module``).
 """
 
 from __future__ import annotations

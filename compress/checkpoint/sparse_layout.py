@@ -62,6 +62,8 @@ def _compact_quant(module: QuantLinear) -> Sparse24Linear | None:
     """A symmetric int4 QuantLinear whose codes are 2:4 -> int4 Sparse24Linear (same codes, same scales)."""
     if module.bits != 4 or not module.symmetric or module.actorder in DYNAMIC_ACTORDER:
         return None
+    if module.act_dtype is not None:           # W4A8: the 2:4 layout has no activation rounding; stay dense
+        return None
     g = module.group_size
     if g is not None and (g % 8 or module.in_features % g):
         return None

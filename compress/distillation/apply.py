@@ -210,13 +210,13 @@ def _requantized(base: PackedLinear, weight: torch.Tensor) -> PackedLinear:
         codes = quantize(weight, scale, zp, base.bits, base.group_size)
         new = QuantLinear.from_codes(codes, scale, None if base.symmetric else zp, bits=base.bits,
                                      group_size=base.group_size, bias=bias, dtype=base.dtype,
-                                     observer=base.observer, actorder=base.actorder)
+                                     observer=base.observer, actorder=base.actorder, act_dtype=base.act_dtype)
     elif isinstance(base, QuantLinear):                 # dynamic act-order: scales per g_idx group; refit
         cfg = RTNConfig(bits=base.bits, group_size=base.group_size, symmetric=base.symmetric,
                         observer=base.observer or "minmax", partial_groups=True, ignore=[])
         r = rtn_solve(weight, cfg, base.dtype)
         new = QuantLinear.from_codes(r.codes, r.scale, r.zero_point, bits=base.bits, group_size=base.group_size,
-                                     bias=bias, dtype=base.dtype, observer=base.observer)
+                                     bias=bias, dtype=base.dtype, observer=base.observer, act_dtype=base.act_dtype)
     elif isinstance(base, FP4Linear):
         cfg = RTNConfig(bits=4, group_size=None, scheme=base.scheme, observer=base.observer or "minmax", ignore=[])
         r = rtn_solve(weight, cfg, base.dtype)

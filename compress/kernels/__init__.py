@@ -20,7 +20,7 @@ and the raw layouts they read:
 - ``packing.py``                int32 words of pack-quantized integer codes (compressed-tensors' order)
 - ``fp4_packing.py``            E2M1 / E8M0 codes and their nibble packing
 - ``int_grid.py``               the signed code range, group count and the one dequantize formula
-- ``hadamard.py``               the Walsh-Hadamard rotation of quantized-cache keys
+- ``hadamard.py``               Hadamard matrices of order 2^a * m (Paley), the fast transform (+ ``hadamard_triton.py``): KV key rotation, rotation pass
 
 A leaf on raw tensors: this package imports torch, triton, the standard library and
 ``compress.errors``, nothing else of compress (tests/test_structure.py holds it to that); quantizing,

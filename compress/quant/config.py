@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from ..configs import MethodConfig, check_type
 from ..errors import ConfigError
-from ..formats import WeightFormat
+from ..formats import W4A8_SCHEMES, WeightFormat
 from ..modeling import name_matches
 
 # What an override may set: the weight format of the modules it matches. Everything else (ignore,
@@ -63,6 +63,12 @@ class IntWeightConfig(MethodConfig):
                     token: W8A8) and "w8a8-int8-static" (activations static per tensor). The
                     static schemes need calibration data even with rtn; the dynamic ones with
                     rtn are data-free. GPTQ solves on their 8-bit grids.
+                    W4A8 schemes (int4 symmetric weights with "group_size" as for "int", activations
+                    rounded to 8 bits with a dynamic scale per token; "bits" must stay 4):
+                    "w4a8-int8" (INT8 activations: compressed-tensors' W4A8, QServe's W4A8 without
+                    its progressive step) and "w4a8-fp8" (FP8 E4M3 activations: W4AFP8, served by
+                    vLLM on Hopper with group_size 128). The weights are solved exactly as int4;
+                    only the run-time activation rounding differs. Data-free with rtn.
     overrides:      per-module formats: {pattern: {field: value}}, patterns as in ``ignore``, fields
                     among bits, group_size, symmetric, observer, scheme, partial_groups. The first
                     pattern (in mapping order) that matches a module gives its format: this config
@@ -79,7 +85,7 @@ class IntWeightConfig(MethodConfig):
     partial_groups: bool = False
     ignore: list[str] = dataclasses.field(default_factory=lambda: ["lm_head"])
     scheme: Literal["int", "nvfp4a16", "nvfp4", "mxfp4", "fp8", "fp8-block", "fp8-static", "w8a8-int8",
-                    "w8a8-int8-static"] = "int"
+                    "w8a8-int8-static", "w4a8-int8", "w4a8-fp8"] = "int"
     overrides: dict[str, dict] = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:
@@ -133,10 +139,11 @@ class IntWeightConfig(MethodConfig):
         hints = typing.get_type_hints(type(self))
         values = {k: check_type(v, hints[k], f"{where}: field {k!r}") for k, v in override.items()}
         if values.get("scheme", "int") != "int":
-            # The FP4 and W8A8 formats fix these; do not make every override repeat them.
+            # The FP4, W8A8 and W4A8 formats fix these; do not make every override repeat them.
             values.setdefault("bits", WeightFormat.from_scheme(values["scheme"]).bits)
             values.setdefault("symmetric", True)
-            values.setdefault("group_size", WeightFormat.from_scheme(values["scheme"]).group_size)
+            if values["scheme"] not in W4A8_SCHEMES:         # W4A8 takes the pass's group_size, like int
+                values.setdefault("group_size", WeightFormat.from_scheme(values["scheme"]).group_size)
         try:
             return dataclasses.replace(self, **values, overrides={})
         except ConfigError as exc:
