@@ -164,3 +164,17 @@ def test_config_round_trip_and_bad_values():
         RotationConfig(residual=None, heads=False, down_proj=False)
     with pytest.raises(ConfigError, match="unknown key 'sed'"):
         config_from_dict({"method": "rotate", "sed": 1})
+
+
+def test_a_recipe_runs_rotate_before_its_quantization_pass(tmp_path):
+    from compress.recipe import load_recipe
+    path = tmp_path / "r.yaml"
+    path.write_text("version: 1\nname: rot\nmodel: dummy\npasses:\n"
+                    "  - method: rotate\n    down_proj_block: 64\n"
+                    "  - method: rtn\n    bits: 4\n    group_size: 64\n")
+    recipe = load_recipe(path)
+    assert [p.method for p in recipe.passes] == ["rotate", "rtn"]
+    assert recipe.passes[0] == RotationConfig(down_proj_block=64)
+    path.write_text("version: 1\nname: rot\nmodel: dummy\npasses:\n  - method: rotate\n    down_proj_block: 96\n")
+    with pytest.raises(ConfigError, match="down_proj_block must be a power of two"):
+        load_recipe(path)
