@@ -156,12 +156,7 @@ def pick_config(x2: torch.Tensor, n: int, group_size: int | None, key: str, run)
         # Timing inside a CUDA-graph capture would break it; run a warm-up call before capturing.
         log.warning("no tuned kernel config for %s during CUDA-graph capture; using the heuristic", key)
         return tuning.heuristic_config(m, n, k, group_size, sms)
-    from triton.testing import do_bench
-
-    def bench(fn):
-        return do_bench(fn, warmup=5, rep=20, return_mode="median")
-
-    return tuner.tune(key, run, tuning.candidates(m, group_size), bench)
+    return tuner.tune(key, run, tuning.candidates(m, group_size), tuning.graph_bench)
 
 
 @functools.lru_cache(maxsize=None)
@@ -171,4 +166,5 @@ def _tuner(device_index: int) -> tuning.Autotuner:
     import triton
     name = torch.cuda.get_device_name(device_index)
     major, minor = torch.cuda.get_device_capability(device_index)
-    return tuning.Autotuner(f"{name}-sm{major}{minor}-triton{triton.__version__}")
+    # "-graphs": tables timed with single launches (before graph_bench) are not reused
+    return tuning.Autotuner(f"{name}-sm{major}{minor}-triton{triton.__version__}-graphs")

@@ -6,6 +6,7 @@ import json
 import logging
 
 import pytest
+import torch
 
 from compress.kernels import tuning
 from compress.kernels.tuning import Autotuner, KernelConfig
@@ -98,3 +99,26 @@ def test_a_corrupt_or_foreign_cache_is_ignored_with_a_warning(tmp_path, caplog):
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path))
     assert Autotuner("NVIDIA H100 80GB HBM3-sm90").path == tmp_path / "autotune-NVIDIA_H100_80GB_HBM3-sm90.json"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA-graph timing needs a GPU")
+def test_graph_bench_cuda_times_work_not_launches():
+    """graph_bench ranks by GPU work: four times the bytes copied takes clearly longer, and a call of
+    three tiny kernels is not charged three CPU launch gaps (it is replayed from a graph)."""
+    small = torch.empty(8 << 20, dtype=torch.float32, device="cuda")
+    large = torch.empty(32 << 20, dtype=torch.float32, device="cuda")
+    tiny = torch.empty(1024, device="cuda")
+    t_small = tuning.graph_bench(lambda: small.mul_(1.0))
+    t_large = tuning.graph_bench(lambda: large.mul_(1.0))
+    assert t_large > 2.5 * t_small > 0
+    t_three = tuning.graph_bench(lambda: (tiny.zero_(), tiny.add_(1.0), tiny.mul_(2.0)))
+    assert t_three < 0.02, f"three tiny kernels under a graph took {t_three * 1e3:.1f} us"
+
+
+def test_graph_bench_is_the_autotuners_clock():
+    """pick_config times candidates with graph_bench (not single launches: see its docstring)."""
+    import importlib
+    import inspect
+    module = importlib.import_module("compress.kernels.dequant_linear")
+    src = inspect.getsource(module.pick_config)
+    assert "tuning.graph_bench" in src and "do_bench" not in src
