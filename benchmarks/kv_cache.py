@@ -55,6 +55,9 @@ SETTINGS = {
     "int2-w128-rot": KVCacheConfig("int2", residual_length=128, rotate_keys=True),
     "int2-g32-w128": KVCacheConfig("int2", group_size=32, residual_length=128),
     "int2-g32-w128-rot": KVCacheConfig("int2", group_size=32, residual_length=128, rotate_keys=True),
+    "int2-g32-w128-rot-s8": KVCacheConfig("int2", group_size=32, residual_length=128, rotate_keys=True,
+                                          scale_dtype="fp8"),
+    "int2-w128-rot-s8": KVCacheConfig("int2", residual_length=128, rotate_keys=True, scale_dtype="fp8"),
 }
 
 

@@ -255,6 +255,8 @@ def _kv_arguments(p: argparse.ArgumentParser, eval_flags: bool) -> None:
                    help="recent tokens kept in full precision (default 128 for integers, 0 for fp8)")
     g.add_argument("--kv-fp8-scale", choices=["tensor", "head"], default=d.fp8_scale, help="fp8 scale granularity")
     g.add_argument("--kv-rotate", action="store_true", help="Hadamard-rotate keys before quantizing (integers)")
+    g.add_argument("--kv-scale-dtype", choices=["fp16", "fp8"], default=d.scale_dtype,
+                   help="storage of the integer schemes' scales and minima (fp8: one byte each)")
     if eval_flags:
         g.add_argument("--kv-chunk", type=int, default=1,
                        help="tokens per forward through the cache (1 = decode token by token)")
@@ -265,7 +267,7 @@ def _kv_config(args) -> KVCacheConfig | None:
     if not args.kv_cache:
         return None
     return KVCacheConfig(scheme=args.kv_cache, group_size=args.kv_group_size, residual_length=args.kv_residual,
-                         fp8_scale=args.kv_fp8_scale, rotate_keys=args.kv_rotate)
+                         fp8_scale=args.kv_fp8_scale, rotate_keys=args.kv_rotate, scale_dtype=args.kv_scale_dtype)
 
 
 _BACKEND_HELP = "kernels of the packed layers: auto (Triton on CUDA, PyTorch on CPU), torch or triton"

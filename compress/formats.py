@@ -43,6 +43,9 @@ Spellings (case-insensitive; ``str`` gives the first form of each):
                        progressive per-channel int8 step)
     w4a8-fp8-g128      the same weights; FP8 E4M3 activations, dynamic per token (W4AFP8, which
                        vLLM serves on Hopper with group 128)
+    w4a4-int4          W4A4 int4 (QuaRot's format): int4 symmetric weights per output channel (-g64:
+                       per 64 inputs; -partial as for int); INT4 symmetric activations with a
+                       dynamic scale per token (compressed-tensors' W4A4 preset)
 
 ``kind`` names the storage ("dense", "int", "nvfp4", "mxfp4", "fp8") and ``act_quant`` whether the
 activations are quantized too; ``weight_strategy`` (fp8 only: "channel", "tensor", "block") and
@@ -50,9 +53,10 @@ activations are quantized too; ``weight_strategy`` (fp8 only: "channel", "tensor
 formats are exactly the five rows above: other combinations of these fields are refused. ``int8``
 stays the weight-only format; ``w8a8-int8`` is ``int8`` with ``act_quant``. The W4A8 formats are
 ``int4`` (any group size) with ``act_quant``, ``act_strategy`` "token" and ``act_dtype`` ("int8" or
-"fp8", the activation codes; W8A8 activations follow their weights' kind and leave it None). They
-keep the weight-only storage (QuantLinear's packed int32 words, compressed-tensors
-``pack-quantized``), which rounds its inputs itself.
+"fp8", the activation codes; W8A8 activations follow their weights' kind and leave it None); W4A4
+int4 is the same with ``act_dtype`` "int4" (``int4_act`` covers both). They keep the weight-only
+storage (QuantLinear's packed int32 words, compressed-tensors ``pack-quantized``), which rounds its
+inputs itself. The scheme tables are in ``compress.quant.act_schemes``.
 
 Not part of a format: the observer (how a solver chose the scales) and GPTQ's ``actorder``. They do
 not change what the stored numbers mean, so layers solved differently still share a format (the
@@ -78,24 +82,15 @@ from torch import nn
 
 from .errors import CheckpointError, ConfigError
 from .kernels.fp4_linear import BLOCK
+# The activation-scheme tables; W4A8_SCHEMES, W8A8_SCHEMES, W8A8_BLOCK are re-exported (public names).
+from .quant.act_schemes import (ACT_BITS, INT4_ACT_RE, INT4_ACT_SCHEMES, INT4_ACT_TABLE,  # noqa: F401
+                                W4A4_SCHEMES, W4A8_SCHEMES, W8A8_BLOCK, W8A8_SCHEMES, W8A8_TABLE)
 
 KINDS = ("dense", "int", "nvfp4", "mxfp4", "fp8")
 # The 4-bit float schemes as configs name them: scheme -> (kind, activations quantized too).
 _FP4_SCHEMES = {"nvfp4a16": ("nvfp4", False), "nvfp4": ("nvfp4", True), "mxfp4": ("mxfp4", False)}
 FP4_SCHEMES = tuple(_FP4_SCHEMES)
-# The W8A8 schemes: scheme -> (kind, weight_strategy, act_strategy); group_size 128 for the block one.
-_W8A8_SCHEMES = {"fp8": ("fp8", "channel", "token"), "fp8-block": ("fp8", "block", "group"),
-                 "fp8-static": ("fp8", "tensor", "tensor"), "w8a8-int8": ("int", None, "token"),
-                 "w8a8-int8-static": ("int", None, "tensor")}
-W8A8_SCHEMES = tuple(_W8A8_SCHEMES)
-# The W4A8 schemes: scheme -> activation codes. Weights int4 symmetric per group (or channel) from
-# the config's group_size; activations rounded with a dynamic scale per token.
-_W4A8_SCHEMES = {"w4a8-int8": "int8", "w4a8-fp8": "fp8"}
-W4A8_SCHEMES = tuple(_W4A8_SCHEMES)
-_W4A8_RE = re.compile(r"^(?P<scheme>w4a8-(?:int8|fp8))(?:-g(?P<g>\d+))?(?P<partial>-partial)?$")
-# FP8 block scheme: weight scales per W8A8_BLOCK x W8A8_BLOCK block, activation scales per 1 x W8A8_BLOCK.
-W8A8_BLOCK = 128
-SCHEMES = ("int",) + FP4_SCHEMES + W8A8_SCHEMES + W4A8_SCHEMES     # the values of IntWeightConfig.scheme
+SCHEMES = ("int",) + FP4_SCHEMES + W8A8_SCHEMES + INT4_ACT_SCHEMES     # the values of IntWeightConfig.scheme
 # compressed-tensors' "format" of a config group, per kind (integer W8A8: "int-quantized", see ct_format).
 CT_FORMATS = {"int": "pack-quantized", "nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized",
               "fp8": "float-quantized"}
@@ -105,14 +100,15 @@ _INT_RE = re.compile(r"^(?P<u>u?)int(?P<bits>\d+)(?:-g(?P<g>\d+))?(?P<asym>-asym
 SPELLINGS = ("bf16, int8 (a scale per output channel), int4-g64 (a scale per 64 inputs), int3-g64-asym "
              "(zero points; uint3-g64 reads the same), int4-g128-partial (a narrower last group allowed), "
              "nvfp4a16, nvfp4 (W4A4), mxfp4, fp8 (W8A8, per-token activations), fp8-block, fp8-static, "
-             "w8a8-int8, w8a8-int8-static, w4a8-int8-g64 (W4A8: int4 weights, int8 activations per token) or "
-             "w4a8-fp8-g128 (FP8 activations)")
+             "w8a8-int8, w8a8-int8-static, w4a8-int8-g64 (W4A8: int4 weights, int8 activations per token), "
+             "w4a8-fp8-g128 (FP8 activations) or w4a4-int4 (W4A4: int4 weights per channel, int4 activations "
+             "per token)")
 
 # (kind, act_quant or None for both) -> (packed module class, solver grid class), registered by
 # compress.quant.formats. Integer weights are stored two ways: packed int32 words (weight-only,
 # QuantLinear) or plain int8 beside int8 activations (W8A8Linear), so "int" registers per act_quant.
-# W4A8 formats look up act_quant=False: their weights are stored packed like weight-only int4, and
-# QuantLinear rounds the activations itself (see WeightFormat._classes).
+# W4A8 and W4A4 int4 formats look up act_quant=False: their weights are stored packed like
+# weight-only int4, and QuantLinear rounds the activations itself (see WeightFormat._classes).
 _KIND_CLASSES: dict[tuple[str, bool | None], tuple[type, type]] = {}
 
 
@@ -159,10 +155,10 @@ class WeightFormat:
     partial_groups: int only: the last group of a row may be narrower than group_size
     weight_strategy: fp8 only: "channel" (a scale per output row), "tensor" (one scale) or "block"
                     (a scale per 128x128 block; group_size 128, a narrower last block allowed)
-    act_strategy:   W8A8 and W4A8: "token" (dynamic per row), "group" (dynamic per 1x128) or
-                    "tensor" (static, from calibration); W4A8 is always "token"
-    act_dtype:      W4A8 only: the activation codes, "int8" or "fp8" (E4M3). None elsewhere (W8A8
-                    activations are of their weights' kind)
+    act_strategy:   W8A8, W4A8, W4A4 int4: "token" (dynamic per row), "group" (dynamic per 1x128) or
+                    "tensor" (static, from calibration); W4A8 and W4A4 int4 are always "token"
+    act_dtype:      W4A8 / W4A4 int4 only: the activation codes, "int8", "fp8" (E4M3) or "int4".
+                    None elsewhere (W8A8 activations are of their weights' kind)
     """
 
     kind: str
@@ -211,18 +207,18 @@ class WeightFormat:
         return None
 
     def _w8a8_problem(self) -> str | None:
-        """Formats with quantized activations (other than nvfp4) are the rows of _W8A8_SCHEMES and
-        _W4A8_SCHEMES, nothing in between."""
-        if self._w8a8_scheme() is None and self._w4a8_scheme() is None:
+        """Formats with quantized activations (other than nvfp4) are the rows of W8A8_TABLE and
+        INT4_ACT_TABLE, nothing in between."""
+        if self._w8a8_scheme() is None and self._int4_act_scheme() is None:
             return (f"{self.kind} weights with weight_strategy={self.weight_strategy!r}, act_strategy="
                     f"{self.act_strategy!r}, act_dtype={self.act_dtype!r}, bits={self.bits}, group_size="
                     f"{self.group_size}, symmetric={self.symmetric} is not a W8A8 format compress runs (nor a "
-                    f"W4A8 one); use one of {', '.join(W8A8_SCHEMES + W4A8_SCHEMES)}")
+                    f"W4A8 or W4A4 one); use one of {', '.join(W8A8_SCHEMES + INT4_ACT_SCHEMES)}")
         return None
 
-    def _w4a8_scheme(self) -> str | None:
-        """The W4A8 scheme these fields spell (int4 symmetric, any valid grouping, activations
-        dynamic per token in ``act_dtype``), or None."""
+    def _int4_act_scheme(self) -> str | None:
+        """The W4A8 / W4A4 int4 scheme these fields spell (int4 symmetric, any valid grouping,
+        activations dynamic per token in ``act_dtype``), or None."""
         g = self.group_size
         if (self.kind, self.bits, self.symmetric, self.act_quant, self.weight_strategy, self.act_strategy) != (
                 "int", 4, True, True, None, "token"):
@@ -231,11 +227,11 @@ class WeightFormat:
             return None
         if self.partial_groups and g is None:
             return None
-        return next((s for s, act in _W4A8_SCHEMES.items() if act == self.act_dtype), None)
+        return next((s for s, act in INT4_ACT_TABLE.items() if act == self.act_dtype), None)
 
     def _w8a8_scheme(self) -> str | None:
         """The W8A8 scheme these fields spell exactly, or None."""
-        for scheme, (kind, weight_strategy, act_strategy) in _W8A8_SCHEMES.items():
+        for scheme, (kind, weight_strategy, act_strategy) in W8A8_TABLE.items():
             group = W8A8_BLOCK if weight_strategy == "block" else None
             if (self.kind, self.bits, self.group_size, self.symmetric, self.act_quant, self.partial_groups,
                     self.weight_strategy, self.act_strategy, self.act_dtype) == (
@@ -249,17 +245,23 @@ class WeightFormat:
         return self.act_strategy is not None and self.act_dtype is None
 
     @property
-    def w4a8(self) -> bool:
-        """int4 weights (packed, QuantLinear) with INT8 / FP8 activations dynamic per token."""
+    def int4_act(self) -> bool:
+        """int4 weights (packed, QuantLinear) with activations rounded per token at run time: W4A8
+        (INT8 / FP8) and W4A4 int4."""
         return self.act_dtype is not None
 
     @property
+    def w4a8(self) -> bool:
+        """int4 weights (packed, QuantLinear) with INT8 / FP8 activations dynamic per token."""
+        return self.act_dtype is not None and ACT_BITS[self.act_dtype] == 8
+
+    @property
     def act_codes(self) -> str | None:
-        """What the activations are rounded to at run time: "int8" or "fp8" (W8A8, W4A8), "nvfp4"
-        (W4A4), None when they stay in the model dtype."""
+        """What the activations are rounded to at run time: "int8" or "fp8" (W8A8, W4A8), "int4"
+        (W4A4 int4), "nvfp4" (NVFP4 W4A4), None when they stay in the model dtype."""
         if not self.act_quant:
             return None
-        if self.w4a8:
+        if self.int4_act:
             return self.act_dtype
         return {"fp8": "fp8", "int": "int8"}.get(self.kind, self.kind)
 
@@ -278,13 +280,13 @@ class WeightFormat:
         text = str(text).strip().lower()
         if text in _DENSE_NAMES:
             return cls("dense", 16)
-        if text in _FP4_SCHEMES or text in _W8A8_SCHEMES:
+        if text in _FP4_SCHEMES or text in W8A8_TABLE:
             return cls.from_scheme(text)
-        m = _W4A8_RE.match(text)
+        m = INT4_ACT_RE.match(text)
         if m is not None:
             if m["partial"] and not m["g"]:
-                raise ConfigError(f"weight format {original!r}: -partial needs a group size (w4a8-int8-g128-partial); "
-                                  f"valid spellings: {SPELLINGS}")
+                raise ConfigError(f"weight format {original!r}: -partial needs a group size "
+                                  f"({m['scheme']}-g128-partial); valid spellings: {SPELLINGS}")
             try:
                 return cls.from_scheme(m["scheme"], 4, int(m["g"]) if m["g"] else None, True, bool(m["partial"]))
             except ConfigError as exc:
@@ -302,7 +304,7 @@ class WeightFormat:
             raise ConfigError(f"weight format {original!r}: {exc}; valid spellings: {SPELLINGS}") from None
 
     def __str__(self) -> str:
-        if self.w4a8:
+        if self.int4_act:
             return (f"{self.scheme}{'' if self.group_size is None else f'-g{self.group_size}'}"
                     f"{'-partial' if self.partial_groups else ''}")
         if self.kind == "int" and not self.w8a8:
@@ -321,11 +323,11 @@ class WeightFormat:
     @property
     def scheme(self) -> str:
         """The scheme as configs name it: int, nvfp4a16, nvfp4, mxfp4, fp8, fp8-block, fp8-static,
-        w8a8-int8, w8a8-int8-static, w4a8-int8, w4a8-fp8 (dense: "dense")."""
+        w8a8-int8, w8a8-int8-static, w4a8-int8, w4a8-fp8, w4a4-int4 (dense: "dense")."""
         if self.w8a8:
             return self._w8a8_scheme()
-        if self.w4a8:
-            return self._w4a8_scheme()
+        if self.int4_act:
+            return self._int4_act_scheme()
         if self.kind in ("dense", "int"):
             return self.kind
         return next(s for s, (k, act) in _FP4_SCHEMES.items() if (k, act) == (self.kind, self.act_quant))
@@ -350,31 +352,32 @@ class WeightFormat:
         """The format of a config's fields. The FP4 and W8A8 schemes fix their layout, so
         ``group_size`` and ``partial_groups`` do not apply to them (but must still be valid values);
         ``partial_groups`` of a per-channel integer format means nothing and is dropped. W8A8
-        schemes take ``bits`` 8 or the config default 4 (the field left alone). W4A8 schemes take
-        ``group_size`` and ``partial_groups`` like "int" and refuse bits other than 4 and
-        asymmetric weights (the int8 x int4 kernels have no zero points)."""
+        schemes take ``bits`` 8 or the config default 4 (the field left alone). W4A8 and W4A4 int4
+        schemes take ``group_size`` and ``partial_groups`` like "int" and refuse bits other than 4
+        and asymmetric weights (the int8 x int4 and int4 x int4 kernels have no zero points)."""
         if scheme not in SCHEMES:
             raise ConfigError(f"scheme must be one of {', '.join(SCHEMES)}; got {scheme!r}")
-        if scheme in _W4A8_SCHEMES:
+        if scheme in INT4_ACT_TABLE:
             if bits != 4:
                 raise ConfigError(f"scheme {scheme!r} stores 4-bit integer weights; drop bits (or set it to 4), got "
                                   f"{bits}. For 8-bit weights with 8-bit activations use w8a8-int8 or fp8")
             if not symmetric:
-                raise ConfigError(f"scheme {scheme!r} is symmetric (W4A8 kernels take no zero points); drop "
+                kernels = "W4A4" if scheme in W4A4_SCHEMES else "W4A8"
+                raise ConfigError(f"scheme {scheme!r} is symmetric ({kernels} kernels take no zero points); drop "
                                   f"symmetric: false")
             if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
                                            or group_size <= 0):
                 raise ConfigError(f"group_size must be a positive integer or null (per channel), got {group_size}")
             return cls("int", 4, group_size, True, act_quant=True, partial_groups=partial_groups and group_size is not None,
-                       act_strategy="token", act_dtype=_W4A8_SCHEMES[scheme])
-        if scheme in _W8A8_SCHEMES:
+                       act_strategy="token", act_dtype=INT4_ACT_TABLE[scheme])
+        if scheme in W8A8_TABLE:
             if bits not in (4, 8):
                 raise ConfigError(f"scheme {scheme!r} stores 8-bit weights; drop bits (or set it to 8), got {bits}")
             if not symmetric:
                 raise ConfigError(f"scheme {scheme!r} is symmetric (no zero points); drop symmetric: false")
             if group_size is not None and (isinstance(group_size, bool) or group_size <= 0):
                 raise ConfigError(f"group_size must be a positive integer or null (per channel), got {group_size}")
-            kind, weight_strategy, act_strategy = _W8A8_SCHEMES[scheme]
+            kind, weight_strategy, act_strategy = W8A8_TABLE[scheme]
             return cls(kind, 8, W8A8_BLOCK if weight_strategy == "block" else None, act_quant=True,
                        weight_strategy=weight_strategy, act_strategy=act_strategy)
         if scheme != "int":
@@ -447,8 +450,9 @@ class WeightFormat:
     def _classes(self) -> tuple[type, type]:
         if self.dense:
             raise ConfigError("bf16 is not quantized: it has no solver grid and no packed module")
-        # W4A8 keeps the weight-only storage (packed int4 words): QuantLinear, which rounds its inputs.
-        stored_act = self.act_quant and not self.w4a8
+        # W4A8 / W4A4 int4 keep the weight-only storage (packed int4 words): QuantLinear, which rounds
+        # its inputs.
+        stored_act = self.act_quant and not self.int4_act
         classes = _KIND_CLASSES.get((self.kind, stored_act)) or _KIND_CLASSES.get((self.kind, None))
         if classes is None:
             raise ConfigError(f"no packed module is registered for {self}; compress.quant.formats registers "
@@ -505,7 +509,7 @@ class WeightFormat:
     # --- compressed-tensors ---------------------------------------------------------------------
     @property
     def ct_format(self) -> str:
-        """The config group's ``format``: pack-quantized (integer weight-only and W4A8),
+        """The config group's ``format``: pack-quantized (integer weight-only, W4A8, W4A4 int4),
         nvfp4-pack-quantized, mxfp4-pack-quantized, float-quantized (FP8 W8A8), int-quantized (INT8
         W8A8). W4A8 is pack-quantized as llm-compressor saves W4AFP8 and as vLLM's W4A8 kernels read
         it (``weight_packed`` int32); compressed-tensors 0.20's own inference would say int-quantized
@@ -558,10 +562,12 @@ class WeightFormat:
         """The config group's ``input_activations`` (None: activations stay in the model dtype)."""
         if not self.act_quant:
             return None
-        if self.w8a8 or self.w4a8:
-            # W4A8: compressed-tensors' W4A8 / W4AFP8 presets (8 bits, token, symmetric, dynamic).
+        if self.w8a8 or self.int4_act:
+            # W4A8 / W4A4 int4: compressed-tensors' W4A8 / W4AFP8 / W4A4 presets (8 or 4 bits, token,
+            # symmetric, dynamic).
             args = {"dynamic": self.act_strategy != "tensor",
-                    "group_size": W8A8_BLOCK if self.act_strategy == "group" else None, "num_bits": 8,
+                    "group_size": W8A8_BLOCK if self.act_strategy == "group" else None,
+                    "num_bits": ACT_BITS.get(self.act_dtype, 8),
                     "strategy": self.act_strategy, "symmetric": True,
                     "type": "float" if self.act_codes == "fp8" else "int"}
             if self.act_strategy == "tensor":
@@ -598,7 +604,7 @@ class WeightFormat:
             except (ConfigError, KeyError, TypeError, ValueError) as exc:
                 raise CheckpointError(f"{where}: weights {w} are not a valid integer format ({exc}); the config "
                                       f"is damaged") from None
-            return fmt if not input_activations else cls._w4a8_from_args(fmt, input_activations, where)
+            return fmt if not input_activations else cls._int4_act_from_args(fmt, input_activations, where)
         weight_only = cls(kind, 4, BLOCK[kind])
         want = weight_only.weights_args()
         for key in ("num_bits", "type", "group_size", "strategy"):
@@ -616,19 +622,20 @@ class WeightFormat:
                               f"W4A4 (dynamic 'local' {BLOCK['nvfp4']}-blocks) only; load this checkpoint with vLLM")
 
     @classmethod
-    def _w4a8_from_args(cls, weights: WeightFormat, input_activations: dict[str, Any], where: str) -> WeightFormat:
-        """The W4A8 format of pack-quantized ``weights`` whose ``input_activations`` match a W4A8
-        scheme's key by key; CheckpointError naming ``where`` otherwise."""
+    def _int4_act_from_args(cls, weights: WeightFormat, input_activations: dict[str, Any],
+                            where: str) -> WeightFormat:
+        """The W4A8 / W4A4 int4 format of pack-quantized ``weights`` whose ``input_activations``
+        match such a scheme's key by key; CheckpointError naming ``where`` otherwise."""
         keys = ("num_bits", "type", "strategy", "symmetric", "dynamic", "group_size")
         if weights.bits == 4 and weights.symmetric:
-            for scheme in W4A8_SCHEMES:
+            for scheme in INT4_ACT_SCHEMES:
                 fmt = cls.from_scheme(scheme, 4, weights.group_size, True)
                 if all(_ct_value(input_activations, k) == _ct_value(fmt.input_args(), k) for k in keys):
                     return fmt
         raise CheckpointError(f"{where} quantizes activations as {input_activations} over {weights} weights; "
-                              f"compress runs int4 symmetric weights with 8-bit activations dynamic per token "
-                              f"({', '.join(W4A8_SCHEMES)}: compressed-tensors' W4A8 and W4AFP8); load this "
-                              f"checkpoint with vLLM")
+                              f"compress runs int4 symmetric weights with 8-bit or int4 activations dynamic per "
+                              f"token ({', '.join(INT4_ACT_SCHEMES)}: compressed-tensors' W4A8, W4AFP8 and "
+                              f"W4A4); load this checkpoint with vLLM")
 
     @classmethod
     def _from_w8a8_args(cls, ct_format: str, w: dict[str, Any], input_activations: dict[str, Any] | None,
@@ -643,16 +650,17 @@ class WeightFormat:
                 return not got and not want
             return all(_ct_value(got, k) == _ct_value(want, k) for k in keys)
 
-        for scheme, (scheme_kind, _, _) in _W8A8_SCHEMES.items():
+        for scheme, (scheme_kind, _, _) in W8A8_TABLE.items():
             fmt = cls.from_scheme(scheme)
             if scheme_kind == kind and same(w, fmt.weights_args()) and same(input_activations, fmt.input_args()):
                 return fmt
-        ours = ", ".join(s for s, (k, _, _) in _W8A8_SCHEMES.items() if k == kind)
+        ours = ", ".join(s for s, (k, _, _) in W8A8_TABLE.items() if k == kind)
         what = "weight-only (16-bit activations)" if not input_activations else f"activations {input_activations}"
         if kind == "int" and w.get("num_bits") == 4:
-            raise CheckpointError(f"{where}: format {ct_format!r} with 4-bit weights {w} stores W4A8 codes unpacked "
-                                  f"(one int8 per weight; compressed-tensors' default for its W4A8 preset); compress "
-                                  f"reads W4A8 as 'pack-quantized' (weight_packed), as vLLM's W4A8 GPU kernels do. "
+            raise CheckpointError(f"{where}: format {ct_format!r} with 4-bit weights {w} stores W4A8/W4A4 codes "
+                                  f"unpacked (one int8 per weight; compressed-tensors' default for its W4A8 and W4A4 "
+                                  f"presets); compress reads W4A8 and W4A4 int4 as 'pack-quantized' (weight_packed), "
+                                  f"as vLLM's W4A8 / W4A4 GPU kernels do. "
                                   f"Load this checkpoint with vLLM, or re-save it with "
                                   f"quantization_format='pack-quantized'")
         raise CheckpointError(f"{where}: format {ct_format!r} with weights {w} and {what} is not a W8A8 variant "

@@ -1,7 +1,7 @@
-"""Activation quantization for W8A8 layers: the reference (the specification), and the dispatch to
-the fused Triton kernel (``act_quant_triton``) on a GPU.
+"""Activation quantization for W8A8, W4A8 and W4A4 (int4) layers: the reference (the specification),
+and the dispatch to the fused Triton kernel (``act_quant_triton``) on a GPU.
 
-An activation ``x`` (..., K) is rounded to FP8 E4M3 or INT8 with symmetric scales:
+An activation ``x`` (..., K) is rounded to FP8 E4M3, INT8 or INT4 with symmetric scales:
 
 - ``token``: one scale per row (token), computed at run time from the row's max |x| (dynamic);
 - ``group``: one scale per row and per ``group_size`` consecutive columns (dynamic; the FP8 block
@@ -9,9 +9,11 @@ An activation ``x`` (..., K) is rounded to FP8 E4M3 or INT8 with symmetric scale
 - ``tensor``: one static scale for every element, from calibration (``static_scale``).
 
 Scales follow vLLM, the client that serves these checkpoints: ``amax / 448`` (FP8, at least
-``FP8_MIN_SCALE``) and ``amax / 127`` (INT8), float32; codes are ``x / scale`` clamped to the
-format's range and cast (FP8: round to nearest even by the cast; INT8: ``torch.round``, also half to
-even). A zero row gets the smallest scale and all-zero codes.
+``FP8_MIN_SCALE``) and ``amax / 127`` (INT8), float32; INT4 likewise ``amax / 7`` (QuaRot's
+symmetric activation quantizer without its clipping ratio; compressed-tensors' fake quantization
+uses ``amax / 7.5``). Codes are ``x / scale`` clamped to the format's range and cast (FP8: round to
+nearest even by the cast; INT8/INT4: ``torch.round``, also half to even; INT4 codes, in [-8, 7], are
+stored one per int8). A zero row gets the smallest scale and all-zero codes.
 """
 
 from __future__ import annotations
@@ -20,17 +22,20 @@ import torch
 
 from .dequant_linear import resolve_backend
 
-ACT_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
+# Activation kind -> the dtype its codes are stored in (int4: one code in [-8, 7] per int8).
+ACT_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8, "int4": torch.int8}
 ACT_STRATEGIES = ("token", "group", "tensor")
 FP8_MAX = 448.0
 INT8_MAX = 127.0
+INT4_MAX = 7.0
 # vLLM's lower bound on a dynamic FP8 scale (1 / (448 * 512)): keeps x / scale finite for zero rows.
 FP8_MIN_SCALE = 1.0 / (FP8_MAX * 512.0)
 INT8_MIN_SCALE = 1e-10
 
 
 def qmax(kind: str) -> float:
-    return FP8_MAX if kind == "fp8" else INT8_MAX
+    """The largest code of ``kind`` (symmetric scales map max |x| onto it)."""
+    return {"fp8": FP8_MAX, "int8": INT8_MAX, "int4": INT4_MAX}[kind]
 
 
 def _check(kind: str, strategy: str) -> None:
@@ -41,7 +46,8 @@ def _check(kind: str, strategy: str) -> None:
 
 
 def scale_from_amax(amax: torch.Tensor, kind: str) -> torch.Tensor:
-    """float32 scale(s) for max |x| ``amax``: amax / 448 (FP8) or amax / 127 (INT8), floored."""
+    """float32 scale(s) for max |x| ``amax``: amax / 448 (FP8), amax / 127 (INT8) or amax / 7 (INT4),
+    floored."""
     floor = FP8_MIN_SCALE if kind == "fp8" else INT8_MIN_SCALE
     return (amax.float() / qmax(kind)).clamp(min=floor)
 
@@ -50,13 +56,14 @@ def _round(y: torch.Tensor, kind: str) -> torch.Tensor:
     """float32 ``y`` (already divided by its scale) -> codes of ``kind``."""
     if kind == "fp8":
         return y.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return torch.round(y).clamp(-128.0, 127.0).to(torch.int8)
+    top = qmax(kind)
+    return torch.round(y).clamp(-top - 1.0, top).to(torch.int8)
 
 
 def quantize_activations_reference(x: torch.Tensor, kind: str, strategy: str, *, group_size: int = 128,
                                    static_scale: torch.Tensor | None = None
                                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes, scales) of ``x`` (M, K): codes (M, K) float8_e4m3fn or int8; scales float32 of
+    """(codes, scales) of ``x`` (M, K): codes (M, K) float8_e4m3fn or int8 (int4 codes too); scales float32 of
     shape (M, 1) for ``token``, (M, ceil(K / group_size)) for ``group``, (1,) for ``tensor``."""
     _check(kind, strategy)
     xf = x.float()

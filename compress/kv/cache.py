@@ -32,7 +32,7 @@ from ..errors import ConfigError
 from ..kernels.hadamard import rotate
 from .config import KVCacheConfig, dense_bytes_per_token
 from .model import kv_config_of, kv_scales_of
-from .quant import (FP8_DTYPE, FP8_MAX, SCALE_DTYPE, QuantizedKV, packed_width, quantize_fp8, quantize_key_blocks,
+from .quant import (FP8_DTYPE, FP8_MAX, QuantizedKV, packed_width, quantize_fp8, quantize_key_blocks,
                     quantize_values)
 
 log = logging.getLogger(__name__)
@@ -170,13 +170,13 @@ class QuantizedKVLayer(DynamicLayer):
             new = {"k_codes": torch.empty(b, h, cap, d, dtype=FP8_DTYPE, device=dev),
                    "v_codes": torch.empty(b, h, cap, d, dtype=FP8_DTYPE, device=dev)}
         else:
-            width, gv = packed_width(d, cfg.bits), cfg.value_group(d)
+            width, gv, sdt = packed_width(d, cfg.bits), cfg.value_group(d), cfg.scale_torch_dtype
             new = {"k_codes": torch.empty(b, h, cap, width, dtype=torch.uint8, device=dev),
-                   "k_scale": torch.empty(b, h, cap // g, d, dtype=SCALE_DTYPE, device=dev),
-                   "k_min": torch.empty(b, h, cap // g, d, dtype=SCALE_DTYPE, device=dev),
+                   "k_scale": torch.empty(b, h, cap // g, d, dtype=sdt, device=dev),
+                   "k_min": torch.empty(b, h, cap // g, d, dtype=sdt, device=dev),
                    "v_codes": torch.empty(b, h, cap, width, dtype=torch.uint8, device=dev),
-                   "v_scale": torch.empty(b, h, cap, d // gv, dtype=SCALE_DTYPE, device=dev),
-                   "v_min": torch.empty(b, h, cap, d // gv, dtype=SCALE_DTYPE, device=dev)}
+                   "v_scale": torch.empty(b, h, cap, d // gv, dtype=sdt, device=dev),
+                   "v_min": torch.empty(b, h, cap, d // gv, dtype=sdt, device=dev)}
         for name, old in self.store.items():
             n = old.shape[2]
             new[name][:, :, :n].copy_(old)
@@ -193,11 +193,11 @@ class QuantizedKVLayer(DynamicLayer):
             s["v_codes"][:, :, start:start + n] = quantize_fp8(v, self.v_scale_fp8)
         else:
             g = cfg.group_size
-            codes, scale, lo = quantize_key_blocks(k, cfg.bits, g)
+            codes, scale, lo = quantize_key_blocks(k, cfg.bits, g, cfg.scale_torch_dtype)
             s["k_codes"][:, :, start:start + n] = codes
             s["k_scale"][:, :, start // g:(start + n) // g] = scale
             s["k_min"][:, :, start // g:(start + n) // g] = lo
-            codes, scale, lo = quantize_values(v, cfg.bits, cfg.value_group(v.shape[-1]))
+            codes, scale, lo = quantize_values(v, cfg.bits, cfg.value_group(v.shape[-1]), cfg.scale_torch_dtype)
             s["v_codes"][:, :, start:start + n] = codes
             s["v_scale"][:, :, start:start + n] = scale
             s["v_min"][:, :, start:start + n] = lo

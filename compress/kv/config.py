@@ -9,7 +9,7 @@ import torch
 
 from ..configs import MethodConfig
 from ..errors import ConfigError
-from .quant import SCALE_DTYPE
+from .quant import SCALE_DTYPES
 
 KV_SCHEMES = ("fp8", "int8", "int4", "int2")
 
@@ -33,6 +33,9 @@ class KVCacheConfig(MethodConfig):
     rotate_keys:      multiply keys by a Hadamard matrix before quantizing (RotateKV); attention
                       rotates the query the same way, so nothing is un-rotated. Needs a
                       power-of-two head_dim.
+    scale_dtype:      integer schemes: how each group's scale and minimum are stored, "fp16"
+                      (default) or "fp8" (E4M3, one byte each: int2 g32 then costs 2.5 bits per
+                      element instead of 3; the codes are rounded against the stored fp8 values).
     """
 
     method = "kv_cache"
@@ -41,6 +44,7 @@ class KVCacheConfig(MethodConfig):
     residual_length: int | None = None
     fp8_scale: Literal["tensor", "head"] = "tensor"
     rotate_keys: bool = False
+    scale_dtype: Literal["fp16", "fp8"] = "fp16"
 
     def validate(self) -> None:
         if self.scheme not in KV_SCHEMES:
@@ -50,6 +54,12 @@ class KVCacheConfig(MethodConfig):
         if self.rotate_keys and self.is_fp8:
             raise ConfigError("rotate_keys is for the integer schemes: an fp8 cache is exported for vLLM, which "
                               "does not rotate keys; drop rotate_keys or use int8/int4/int2")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ConfigError(f"kv cache scale_dtype must be one of {', '.join(SCALE_DTYPES)}; "
+                              f"got {self.scale_dtype!r}")
+        if self.scale_dtype != "fp16" and self.is_fp8:
+            raise ConfigError("scale_dtype is for the integer schemes (their per-group scales and minima); an fp8 "
+                              "cache has one float32 scale per head: drop scale_dtype or use int8/int4/int2")
         r = self.residual_length
         if r is not None and r < 0:
             raise ConfigError(f"residual_length must be >= 0, got {r}")
@@ -60,6 +70,11 @@ class KVCacheConfig(MethodConfig):
     @property
     def is_fp8(self) -> bool:
         return self.scheme == "fp8"
+
+    @property
+    def scale_torch_dtype(self) -> torch.dtype:
+        """The dtype of the integer schemes' stored scales and minima."""
+        return SCALE_DTYPES[self.scale_dtype]
 
     @property
     def bits(self) -> int:
@@ -99,7 +114,7 @@ class KVCacheConfig(MethodConfig):
         elems = num_kv_heads * head_dim
         if self.is_fp8:
             return 2.0 * elems
-        scale_bytes = 2 * (torch.finfo(SCALE_DTYPE).bits // 8)        # scale + min
+        scale_bytes = 2 * (torch.finfo(self.scale_torch_dtype).bits // 8)        # scale + min
         keys = elems * self.bits / 8 + elems * scale_bytes / self.group_size
         values = elems * self.bits / 8 + num_kv_heads * (head_dim // self.value_group(head_dim)) * scale_bytes
         return keys + values
@@ -113,7 +128,8 @@ class KVCacheConfig(MethodConfig):
         if self.is_fp8:
             return f"fp8 ({self.fp8_scale} scales{', window %d' % self.residual if self.residual else ''})"
         rot = ", rotated keys" if self.rotate_keys else ""
-        return f"{self.scheme} g{self.group_size} window {self.residual}{rot}"
+        scales = ", fp8 scales" if self.scale_dtype == "fp8" else ""
+        return f"{self.scheme} g{self.group_size} window {self.residual}{rot}{scales}"
 
 
 def dense_bytes_per_token(num_kv_heads: int, head_dim: int, dtype_bytes: int = 2) -> int:

@@ -20,6 +20,9 @@ Integer formats (KIVI, Liu et al. 2024), asymmetric min-max with ``2^bits - 1`` 
 
     dequantize: x = code * scale + min
 
+    Scales and minima are fp16 by default, or float8_e4m3fn (``KVCacheConfig.scale_dtype: fp8``,
+    saturated at +-448) where one byte each is wanted.
+
 FP8 (E4M3): ``codes`` are float8_e4m3fn (B, H, T, D); a static float32 scale per KV head
 (``scale`` (H,), a per-tensor scale is the same value repeated), x = fp8 * scale, as vLLM reads
 ``k_scale`` / ``v_scale``.
@@ -38,7 +41,8 @@ import torch
 
 from ..kernels.hadamard import rotate
 
-SCALE_DTYPE = torch.float16          # integer scales and minima
+SCALE_DTYPE = torch.float16          # integer scales and minima (the default)
+SCALE_DTYPES = {"fp16": torch.float16, "fp8": torch.float8_e4m3fn}
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 
@@ -66,36 +70,44 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return c.reshape(*packed.shape[:-1], packed.shape[-1] * (8 // bits))
 
 
-def _minmax_codes(x: torch.Tensor, dim: int, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _store(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round to the storage dtype, saturating (float8 has no infinity: out of range would be NaN)."""
+    if dtype == torch.float8_e4m3fn:
+        t = t.clamp(-FP8_MAX, FP8_MAX)
+    return t.to(dtype)
+
+
+def _minmax_codes(x: torch.Tensor, dim: int, bits: int,
+                  scale_dtype: torch.dtype = SCALE_DTYPE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric min-max quantization of ``x`` reduced over ``dim`` (kept). The codes are
-    computed from the stored (fp16-rounded) scale and min, so dequantization sees what rounding
-    assumed."""
+    computed from the stored (fp16- or fp8-rounded) scale and min, so dequantization sees what
+    rounding assumed."""
     x = x.float()
     lo = x.amin(dim, keepdim=True)
     hi = x.amax(dim, keepdim=True)
-    scale = ((hi - lo) / (2 ** bits - 1)).to(SCALE_DTYPE)
-    lo = lo.to(SCALE_DTYPE)
+    scale = _store((hi - lo) / (2 ** bits - 1), scale_dtype)
+    lo = _store(lo, scale_dtype)
     safe = scale.float().clamp_min(torch.finfo(SCALE_DTYPE).tiny)
     codes = torch.round((x - lo.float()) / safe).clamp_(0, 2 ** bits - 1).to(torch.uint8)
     return codes, scale, lo
 
 
-def quantize_key_blocks(k: torch.Tensor, bits: int, group_size: int):
+def quantize_key_blocks(k: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype = SCALE_DTYPE):
     """Keys (B, H, T, D), T a multiple of ``group_size`` -> packed codes (B, H, T, D*bits/8) and
     scale, min (B, H, T/G, D): one range per channel per block of G tokens."""
     b, h, t, d = k.shape
     if t % group_size:
         raise ValueError(f"{t} key tokens do not fill whole blocks of {group_size}")
     blocks = k.reshape(b, h, t // group_size, group_size, d)                # (B, H, nb, G, D)
-    codes, scale, lo = _minmax_codes(blocks, dim=3, bits=bits)
+    codes, scale, lo = _minmax_codes(blocks, dim=3, bits=bits, scale_dtype=scale_dtype)
     return pack_codes(codes.reshape(b, h, t, d), bits), scale.squeeze(3), lo.squeeze(3)
 
 
-def quantize_values(v: torch.Tensor, bits: int, value_group: int):
+def quantize_values(v: torch.Tensor, bits: int, value_group: int, scale_dtype: torch.dtype = SCALE_DTYPE):
     """Values (B, H, T, D) -> packed codes (B, H, T, D*bits/8) and scale, min (B, H, T, D/Gv)."""
     b, h, t, d = v.shape
     groups = v.reshape(b, h, t, d // value_group, value_group)              # (B, H, T, ng, Gv)
-    codes, scale, lo = _minmax_codes(groups, dim=4, bits=bits)
+    codes, scale, lo = _minmax_codes(groups, dim=4, bits=bits, scale_dtype=scale_dtype)
     return pack_codes(codes.reshape(b, h, t, d), bits), scale.squeeze(4), lo.squeeze(4)
 
 

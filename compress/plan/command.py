@@ -219,7 +219,10 @@ def format_plan(plan: Plan, inputs: PlanInputs, baselines: list[Plan] = ()) -> s
             lines.append(f"  uniform {name:<14} does not fit every layer")
             continue
         lines.append(f"  uniform {name:<14} {_mib(b.prediction.checkpoint_bytes):>14}"
-                     f"  +{b.dloss:.4f} nats  {b.prediction.decode_tokens_per_s:,.1f} tok/s")
+                     f"  +{b.dloss:.4f} nats  {b.prediction.decode_tokens_per_s:,.1f} tok/s"
+                     f"  prefill {b.prediction.prefill_tokens_per_s:,.0f} tok/s")
+    if plan.notes:
+        lines += ["", f"candidates on {inputs.profile.name}:"] + [f"  {n}" for n in plan.notes]
     if not plan.feasible:
         lines += ["", plan.message]
     lines += ["", _layer_map(plan, inputs.shape)]
@@ -280,6 +283,15 @@ def add_plan_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def baseline_formats(inputs: PlanInputs) -> list[WeightFormat]:
+    """The uniform plans ``compress plan`` prints beside its own: int4-g64 and int3-g64-asym when
+    they are candidates, and every candidate with quantized activations that fits every unit (their
+    prefill speed next to int4's is why they are candidates)."""
+    out = [f for f in inputs.formats if f.name in ("int4-g64", "int3-g64-asym")]
+    out += [f for f in inputs.formats if f.act_quant and all(f.fits(u.in_features) for u in inputs.shape.units)]
+    return out
+
+
 def _split(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
@@ -300,8 +312,8 @@ def run_plan(args) -> int:
                        seqlen=args.seqlen, seed=args.seed, output=args.export_dir, eval_data=args.eval_data,
                        max_windows=args.max_windows, solver=args.solver, export_dtype=args.export_dtype,
                        base_dir=out.resolve().parent)
-    baselines = [uniform_plan(inputs.shape, inputs.sensitivity, inputs.profile, target, f)
-                 for f in ("int4-g64", "int3-g64-asym") if any(x.name == f for x in inputs.formats)]
+    baselines = [uniform_plan(inputs.shape, inputs.sensitivity, inputs.profile, target, f.name)
+                 for f in baseline_formats(inputs)]
     text = format_plan(plan, inputs, baselines)
     when = datetime.date.today().isoformat()
     header = (f"Written by `compress plan` on {when}; run it with: compress run {out}\n"

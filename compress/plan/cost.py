@@ -10,7 +10,10 @@
 - ``checkpoint_bytes``: the exact size of the safetensors file(s) the export writes.
 - ``predict``: memory and prefill / decode latency on a ``DeviceProfile`` for a batch and context.
   Each kernel's time is the roofline, max(bytes / bandwidth, FLOPs / throughput), divided by the
-  profile's efficiency for that kernel family and phase, plus a launch overhead.
+  profile's efficiency for that kernel family and phase, plus a launch overhead. The throughput is
+  bf16's for weight-only formats and the device's FP8 / INT8 / FP4 tensor-core rate for formats
+  whose activations are rounded to that where the device has it (``native_math``; W8A8, W4A8,
+  NVFP4 W4A4); ``math_note`` says which, in words, for the plan's output.
 """
 
 from __future__ import annotations
@@ -288,14 +291,84 @@ class Prediction:
         return out
 
 
-def _throughput(profile: DeviceProfile, fmt: WeightFormat) -> float:
-    """FLOP/s of the math a linear in ``fmt`` runs: native FP4 W4A4, FP8 or INT8 W8A8 on devices
-    that have it, bf16 otherwise (weight-only formats are dequantized to bf16 inside our kernels)."""
-    if fmt.act_quant and fmt.kind in profile.native_formats and "fp4" in profile.tflops:
-        return profile.tflops["fp4"] * 1e12
-    if fmt.w8a8 and fmt.family in profile.native_formats and fmt.family in profile.tflops:
-        return profile.tflops[fmt.family] * 1e12
+# What the activations of a format with quantized activations are rounded to (``act_codes``), and
+# the math that runs on them: the profile's ``tflops`` key and the ``native_formats`` name that say
+# the device has it (FP8 and INT8 tensor cores: "fp8", "int8"; FP4 ones: "fp4" and "nvfp4").
+ACT_MATH = {"fp8": ("fp8", "fp8"), "int8": ("int8", "int8"), "nvfp4": ("fp4", "nvfp4")}
+_ACT_NAMES = {"fp8": "FP8", "int8": "INT8", "nvfp4": "FP4 (NVFP4)"}
+
+
+def dense_rate(profile: DeviceProfile) -> float:
+    """FLOP/s of the bf16 math weight-only formats dequantize to (fp32 where bf16 is absent)."""
     return (profile.tflops.get("bf16") or profile.tflops.get("fp32")) * 1e12
+
+
+def native_math(profile: DeviceProfile, fmt: WeightFormat) -> str | None:
+    """The ``tflops`` key of the low-precision math a linear in ``fmt`` runs on ``profile``: its
+    activations' codes (``fmt.act_codes``: W8A8 and W4A8 "fp8" / "int8", NVFP4 W4A4 "fp4") where
+    the device has that tensor-core math (in ``native_formats`` and ``tflops``); None when the
+    matmul runs in bf16: weight-only formats, and activation-quantized ones on a device without
+    their math (they are then costed at their weight-only twin's speed, see ``math_note``)."""
+    codes = fmt.act_codes
+    if codes is None:
+        return None
+    key, native = ACT_MATH[codes]
+    return key if native in profile.native_formats and key in profile.tflops else None
+
+
+def _throughput(profile: DeviceProfile, fmt: WeightFormat) -> float:
+    """FLOP/s of the math a linear in ``fmt`` runs: FP4 for NVFP4 W4A4, FP8 or INT8 for W8A8 and
+    W4A8 on devices that have it, bf16 otherwise (weight-only formats are dequantized to bf16
+    inside our kernels)."""
+    key = native_math(profile, fmt)
+    return profile.tflops[key] * 1e12 if key is not None else dense_rate(profile)
+
+
+def missing_math(profile: DeviceProfile, fmt: WeightFormat) -> str | None:
+    """Why ``profile`` cannot run the low-precision math ``fmt``'s activations need, in words
+    ("a100 has no FP8 tensor cores (no tflops.fp8, no fp8 in native_formats)"); None when it can
+    or when ``fmt`` is weight-only."""
+    codes = fmt.act_codes
+    if codes is None or native_math(profile, fmt) is not None:
+        return None
+    key, native = ACT_MATH[codes]
+    detail = [f"no tflops.{key}"] if key not in profile.tflops else []
+    detail += [f"no {native} in native_formats"] if native not in profile.native_formats else []
+    return f"{profile.name} has no {_ACT_NAMES[codes]} tensor cores ({', '.join(detail)})"
+
+
+def math_note(profile: DeviceProfile, fmt: WeightFormat) -> str | None:
+    """How the cost model runs a format with quantized activations on ``profile``, in words (None
+    for weight-only formats): the tensor-core rate its prefill gets, or why it gets bf16's."""
+    codes = fmt.act_codes
+    if codes is None:
+        return None
+    missing = missing_math(profile, fmt)
+    if missing is None:
+        key = ACT_MATH[codes][0]
+        rate = f"the {_ACT_NAMES[codes]} tensor-core rate, {profile.tflops[key]:g} {'TOPS' if key == 'int8' else 'TFLOPS'}"
+        if fmt.w8a8:
+            return f"prefill at {rate} (a vendor GEMM); decode reads 8-bit weights"
+        twin = "int4" if fmt.w4a8 else "nvfp4a16"
+        return (f"decode reads the weights as {twin} does (memory-bound: same bytes, same speed); prefill at "
+                f"{rate}, as a serving engine's {'W4A8' if fmt.w4a8 else 'NVFP4'} kernel runs it (compress's own "
+                f"runtime simulates the rounding and multiplies in bf16)")
+    if fmt.w8a8:
+        if has_kernel(profile, fmt):
+            return f"{missing}: costed at the bf16 rate"
+        return f"{missing}: costed on the reference path (dequantized to bf16, then a bf16 matmul)"
+    return (f"{missing}: costed at {weight_only_twin(fmt).name}'s weight-only speed (bf16 math); the "
+            f"activations are still rounded, which its sensitivity counts")
+
+
+def weight_only_twin(fmt: WeightFormat) -> WeightFormat:
+    """The weight-only format storing the same weights as ``fmt`` (int4-g128 for w4a8-int8-g128,
+    nvfp4a16 for nvfp4; ``fmt`` itself when weight-only). W8A8 formats have none."""
+    if fmt.w4a8:
+        return dataclasses.replace(fmt, act_quant=False, act_strategy=None, act_dtype=None)
+    if fmt.kind == "nvfp4" and fmt.act_quant:
+        return dataclasses.replace(fmt, act_quant=False)
+    return fmt
 
 
 def kernel_seconds(profile: DeviceProfile, phase: str, family: str, nbytes: float, flops: float,
@@ -304,13 +377,16 @@ def kernel_seconds(profile: DeviceProfile, phase: str, family: str, nbytes: floa
     ``math_rate``: FLOP/s of its math (default bf16, or fp32 where bf16 is absent)."""
     eff = efficiency(profile.efficiency[phase], family)
     if math_rate is None:
-        math_rate = (profile.tflops.get("bf16") or profile.tflops.get("fp32")) * 1e12
+        math_rate = dense_rate(profile)
     return (max(nbytes / (profile.bandwidth_gbs * 1e9), flops / math_rate) / eff
             + launches * profile.overhead_us * 1e-6)
 
 
 # Kernel families a profile's efficiency table may lack, and the entry they read instead: the W8A8
 # GEMMs (torch._scaled_mm, torch._int_mm) are vendor GEMMs like bf16's, not our dequantizing kernels.
+# W4A8 has no entry: its family is "int" (``WeightFormat.family``), as its kernels are mixed-input
+# ones that unpack int4 weights in registers like ours, in decode and in prefill, whatever math
+# (bf16, or INT8 / FP8 where native) they then run.
 EFFICIENCY_FALLBACK = {"fp8": "bf16", "int8": "bf16"}
 
 

@@ -27,8 +27,8 @@ import numpy as np
 from ..errors import ConfigError
 from ..formats import WeightFormat
 from ..kv.config import KVCacheConfig
-from .cost import (ModelShape, Prediction, Workload, checkpoint_bytes, fixed_seconds, has_kernel, predict,
-                   specs_bytes, unit_seconds)
+from .cost import (ModelShape, Prediction, Workload, checkpoint_bytes, fixed_seconds, has_kernel, kernel_key,
+                   math_note, missing_math, predict, specs_bytes, unit_seconds)
 from .devices import DeviceProfile
 from .sensitivity import KV_OPTIONS, Sensitivity, kv_option_config
 
@@ -42,6 +42,13 @@ DEFAULT_FORMATS = ("bf16", "int8", "int4-g64", "int4-g64-asym", "int4-g128", "in
                    "int2-g64-asym", "nvfp4a16")
 # Added where the device runs their math natively (FP8: sm_89+; INT8: Ampere and later); data-free.
 W8A8_FORMATS = ("fp8", "w8a8-int8")
+# W4A8: int4-g128's weights (the decode bytes of W4A16) with activations rounded per token to INT8 /
+# FP8, added where the device has that tensor-core math (their worth is prefill speed). Group 128:
+# the one vLLM's W4AFP8 kernel takes.
+W4A8_FORMATS = ("w4a8-int8-g128", "w4a8-fp8-g128")
+# Every format with quantized activations the defaults add where the device has their math, in the
+# order they are added: NVFP4 W4A4 (FP4 tensor cores), W8A8, W4A8.
+ACT_QUANT_FORMATS = ("nvfp4",) + W8A8_FORMATS + W4A8_FORMATS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +107,7 @@ class Plan:
     feasible: bool
     message: str
     memory_used: int                          # what the memory target counts (see Target)
+    notes: list[str] = dataclasses.field(default_factory=list)   # how the device shaped the candidates
 
     @property
     def predicted_ppl_ratio(self) -> float:
@@ -120,29 +128,51 @@ class Plan:
                 "memory_used_bytes": self.memory_used, "predicted_dloss": self.dloss,
                 "predicted_ppl_ratio": self.predicted_ppl_ratio, "base_loss": self.base_loss,
                 "formats": {u: f.name for u, f in self.formats.items()}, "format_counts": self.counts(),
-                "prediction": self.prediction.to_dict()}
+                "format_notes": list(self.notes), "prediction": self.prediction.to_dict()}
 
 
 def candidate_formats(profile: DeviceProfile, names: list[str] | None = None) -> list[WeightFormat]:
     """The formats to choose from. Named ones are taken as given (a format without a kernel on the
-    device is costed on the reference path); by default, formats without a kernel are dropped on
-    GPUs, NVFP4 W4A4 only where FP4 math is native, and the W8A8 formats (fp8, w8a8-int8) only where
-    that math is native (their worth is prefill speed; the sensitivity counts their activation rounding)."""
+    device is costed on the reference path, one without its activation math at its weight-only
+    twin's speed); by default, formats without a kernel are dropped on GPUs, and the formats with
+    quantized activations (NVFP4 W4A4, W8A8 fp8 / w8a8-int8, W4A8 w4a8-int8-g128 / w4a8-fp8-g128)
+    are added only where the device has their FP4 / FP8 / INT8 tensor-core math (their worth is
+    prefill speed; the sensitivity counts their activation rounding). ``format_notes`` says why."""
     if names:
         fmts = [WeightFormat.parse(n) for n in names]
         if not any(f.dense for f in fmts):
             fmts.insert(0, WeightFormat.parse("bf16"))
         return list(dict.fromkeys(fmts))
-    out = []
-    for n in DEFAULT_FORMATS:
-        f = WeightFormat.parse(n)
-        if profile.kind == "gpu" and not has_kernel(profile, f):
-            continue
-        out.append(f)
-    if "nvfp4" in profile.native_formats:
-        out.append(WeightFormat.parse("nvfp4"))
-    out += [WeightFormat.parse(n) for n in W8A8_FORMATS if has_kernel(profile, WeightFormat.parse(n))]
-    return out
+    return [f for f in map(WeightFormat.parse, DEFAULT_FORMATS + ACT_QUANT_FORMATS) if _held_back(profile, f) is None]
+
+
+def _held_back(profile: DeviceProfile, fmt: WeightFormat) -> str | None:
+    """Why the default candidates leave ``fmt`` out on ``profile`` (None: they offer it)."""
+    if fmt.act_quant:
+        missing = missing_math(profile, fmt)
+        if missing is not None:
+            return missing
+    if not has_kernel(profile, fmt) and (profile.kind == "gpu" or fmt.act_quant):
+        return (f"no fused kernel for it on {profile.name} ({kernel_key(fmt)} is not in kernel_formats): the "
+                f"reference path (dequantize the weight, then a bf16 matmul) is slower than bf16")
+    return None
+
+
+def format_notes(profile: DeviceProfile, formats: list[WeightFormat]) -> list[str]:
+    """What the device did to the candidates, one line each, for the plan's output: every default
+    format left out and why, and how every candidate with quantized activations is costed (the
+    tensor-core rate of its prefill, or why it gets bf16's)."""
+    have = set(formats)
+    notes = []
+    for fmt in map(WeightFormat.parse, DEFAULT_FORMATS + ACT_QUANT_FORMATS):
+        why = None if fmt in have else _held_back(profile, fmt)
+        if why is not None:
+            notes.append(f"{fmt.name}: not offered: {why}")
+    for fmt in formats:
+        how = math_note(profile, fmt)
+        if how is not None:
+            notes.append(f"{fmt.name}: {how}")
+    return notes
 
 
 def _options(shape: ModelShape, sens: Sensitivity, fmts: list[WeightFormat], profile: DeviceProfile,
@@ -226,9 +256,9 @@ def make_plan(shape: ModelShape, sens: Sensitivity, profile: DeviceProfile, targ
         q = max(0.0, kv_dloss.get(kv_name, 0.0))
         results.append(_plan_for_kv(shape, sens, profile, target, work, options, kv_name, q))
     feasible = [p for p in results if p.feasible]
-    if feasible:
-        return min(feasible, key=lambda p: p.dloss)
-    return min(results, key=lambda p: _shortfall(p))
+    best = min(feasible, key=lambda p: p.dloss) if feasible else min(results, key=lambda p: _shortfall(p))
+    best.notes = format_notes(profile, fmts)
+    return best
 
 
 def _shortfall(plan: Plan) -> float:

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from ..configs import MethodConfig, check_type
 from ..errors import ConfigError
-from ..formats import W4A8_SCHEMES, WeightFormat
+from ..formats import INT4_ACT_SCHEMES, WeightFormat
 from ..modeling import name_matches
 
 # What an override may set: the weight format of the modules it matches. Everything else (ignore,
@@ -69,6 +69,11 @@ class IntWeightConfig(MethodConfig):
                     its progressive step) and "w4a8-fp8" (FP8 E4M3 activations: W4AFP8, served by
                     vLLM on Hopper with group_size 128). The weights are solved exactly as int4;
                     only the run-time activation rounding differs. Data-free with rtn.
+                    "w4a4-int4" (W4A4 int4, QuaRot's format: the same int4 weights, use group_size
+                    null for QuaRot's per-channel scales; activations rounded to INT4 symmetric
+                    per token, scale max|x| / 7: compressed-tensors' W4A4 preset). Run it after a
+                    rotation pass (RotationConfig): without one, per-token int4 activations lose
+                    most of the model on this repo's example (docs/w8a8.md, "W4A4 int4").
     overrides:      per-module formats: {pattern: {field: value}}, patterns as in ``ignore``, fields
                     among bits, group_size, symmetric, observer, scheme, partial_groups. The first
                     pattern (in mapping order) that matches a module gives its format: this config
@@ -85,7 +90,7 @@ class IntWeightConfig(MethodConfig):
     partial_groups: bool = False
     ignore: list[str] = dataclasses.field(default_factory=lambda: ["lm_head"])
     scheme: Literal["int", "nvfp4a16", "nvfp4", "mxfp4", "fp8", "fp8-block", "fp8-static", "w8a8-int8",
-                    "w8a8-int8-static", "w4a8-int8", "w4a8-fp8"] = "int"
+                    "w8a8-int8-static", "w4a8-int8", "w4a8-fp8", "w4a4-int4"] = "int"
     overrides: dict[str, dict] = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:
@@ -139,10 +144,10 @@ class IntWeightConfig(MethodConfig):
         hints = typing.get_type_hints(type(self))
         values = {k: check_type(v, hints[k], f"{where}: field {k!r}") for k, v in override.items()}
         if values.get("scheme", "int") != "int":
-            # The FP4, W8A8 and W4A8 formats fix these; do not make every override repeat them.
+            # The FP4, W8A8, W4A8 and W4A4 formats fix these; do not make every override repeat them.
             values.setdefault("bits", WeightFormat.from_scheme(values["scheme"]).bits)
             values.setdefault("symmetric", True)
-            if values["scheme"] not in W4A8_SCHEMES:         # W4A8 takes the pass's group_size, like int
+            if values["scheme"] not in INT4_ACT_SCHEMES:     # W4A8/W4A4 take the pass's group_size, like int
                 values.setdefault("group_size", WeightFormat.from_scheme(values["scheme"]).group_size)
         try:
             return dataclasses.replace(self, **values, overrides={})

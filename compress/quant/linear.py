@@ -10,14 +10,15 @@ for checkpoints quantized with dynamic act-order (``actorder="group"``, older co
 ``backend`` picks the kernel (``compress.kernels.BACKENDS``); ``auto`` runs the fused Triton
 kernels on a CUDA GPU and the PyTorch reference elsewhere.
 
-W4A8 (``act_dtype`` "int8" or "fp8", the schemes w4a8-int8 / w4a8-fp8): the same int4 storage, and
-the forward pass first rounds each token (row) of the input to INT8 or FP8 E4M3 codes with a dynamic
-symmetric scale (``compress.kernels.act_quant``, the W8A8 layers' activation quantizer), then runs
-the int4 matmul on the codes and multiplies each output row by its token's scale, as a W4A8 kernel's
-epilogue does: ``y[t] = s[t] * (codes[t] @ W^T) + b``. The codes are exact in bf16/fp16/fp32 (|int8|
-<= 127, E4M3 has 3 mantissa bits), so this equals fake-quantized activations times the int4 weight
-up to float rounding. On a GPU the activation codes come from the fused Triton quantizer and the
-matmul from the int4 Triton kernel (a simulation of the int8/fp8 tensor-core GEMM, not it).
+W4A8 (``act_dtype`` "int8" or "fp8", the schemes w4a8-int8 / w4a8-fp8) and W4A4 int4 (``act_dtype``
+"int4", w4a4-int4): the same int4 storage, and the forward pass first rounds each token (row) of the
+input to INT8, FP8 E4M3 or INT4 codes with a dynamic symmetric scale (``compress.kernels.act_quant``,
+the W8A8 layers' activation quantizer), then runs the int4 matmul on the codes and multiplies each
+output row by its token's scale, as a W4A8 / W4A4 kernel's epilogue does: ``y[t] = s[t] * (codes[t]
+@ W^T) + b``. The codes are exact in bf16/fp16/fp32 (|int8| <= 128, E4M3 has 3 mantissa bits), so
+this equals fake-quantized activations times the int4 weight up to float rounding. On a GPU the
+activation codes come from the fused Triton quantizer and the matmul from the int4 Triton kernel (a
+simulation of the int8/fp8/int4 tensor-core GEMM, not it).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from ..formats import W4A8_SCHEMES, WeightFormat
+from ..formats import INT4_ACT_SCHEMES, WeightFormat
 from ..kernels.act_quant import ACT_DTYPES, quantize_activations
 from ..kernels.dequant_linear import dequant_linear, dequant_weight
 from ..kernels.packing import pack_int32, packed_words
@@ -44,10 +45,11 @@ class QuantLinear(PackedLinear):
                  actorder: str | None = None, observer: str | None = None, act_dtype: str | None = None):
         super().__init__()
         if act_dtype is not None and (act_dtype not in ACT_DTYPES or bits != 4 or not symmetric):
-            raise ValueError(f"W4A8 ({', '.join(W4A8_SCHEMES)}) rounds activations to int8 or fp8 over int4 symmetric "
-                             f"weights; got act_dtype={act_dtype!r}, bits={bits}, symmetric={symmetric}")
+            raise ValueError(f"W4A8 / W4A4 ({', '.join(INT4_ACT_SCHEMES)}) round activations to int8, fp8 or int4 over "
+                             f"int4 symmetric weights; got act_dtype={act_dtype!r}, bits={bits}, symmetric={symmetric}")
         self.in_features, self.out_features = in_features, out_features
-        # W4A8: the codes each token is rounded to before the matmul ("int8" | "fp8"); None = weight-only.
+        # W4A8 / W4A4: the codes each token is rounded to before the matmul ("int8" | "fp8" | "int4");
+        # None = weight-only.
         self.act_dtype = act_dtype
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         self.backend = backend
@@ -103,7 +105,7 @@ class QuantLinear(PackedLinear):
                     input_amax: torch.Tensor | None = None, observer: str | None = None,
                     actorder: str | None = None) -> QuantLinear:
         """The module holding a solve's ``result`` (a QuantResult) in format ``fmt``
-        (``WeightFormat.pack``); ``input_amax`` does not apply (weight-only, or W4A8's dynamic scales)."""
+        (``WeightFormat.pack``); ``input_amax`` does not apply (weight-only, or W4A8/W4A4's dynamic scales)."""
         if (result.zero_point is None) != fmt.symmetric:
             raise ValueError(f"{fmt} is {'' if fmt.symmetric else 'a'}symmetric, but the solve "
                              f"{'returned' if result.zero_point is not None else 'has no'} zero points")

@@ -1,6 +1,6 @@
-"""Activation quantization for W8A8: the reference's defining properties, and the fused Triton
-kernel equal to it bit for bit (codes compared as bytes, -0 included; scales exactly) for FP8 and
-INT8, per token / per group / per tensor, every kernel config, and the edge rows."""
+"""Activation quantization for W8A8 / W4A8 / W4A4: the reference's defining properties, and the fused
+Triton kernel equal to it bit for bit (codes compared as bytes, -0 included; scales exactly) for FP8,
+INT8 and INT4, per token / per group / per tensor, every kernel config, and the edge rows."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ from compress.errors import ConfigError
 from compress.kernels.act_quant import (FP8_MIN_SCALE, dequantize_activations, fake_quantize_activations,
                                         quantize_activations, quantize_activations_reference)
 
-KINDS = ("fp8", "int8")
+KINDS = ("fp8", "int8", "int4")
+QMAX = {"fp8": 448.0, "int8": 127.0, "int4": 7.0}
 STRATEGIES = ("token", "group", "tensor")
 # (M, K, group_size): M = 1; K not a multiple of any tile or group (200, 576 = SmolLM2, 300 with
 # groups of 88); a group wider than K; a group equal to K.
 SHAPES = [(1, 200, 128), (3, 576, 128), (4, 300, 88), (2, 64, 128), (5, 96, 32)]
-STATIC = torch.tensor([0.02])                  # saturates rows of |x| > 8.96 (fp8) / 2.54 (int8)
+STATIC = torch.tensor([0.02])                  # saturates rows of |x| > 8.96 (fp8) / 2.54 (int8) / 0.14 (int4)
 
 
 def _bytes(codes: torch.Tensor) -> torch.Tensor:
@@ -51,14 +52,15 @@ def _assert_same(got, want):
 def test_reference_scales_and_round_trip(kind):
     x = _rows(4, 256, torch.float32)
     codes, scale = quantize_activations_reference(x, kind, "token")
-    qmax = 448.0 if kind == "fp8" else 127.0
+    qmax = QMAX[kind]
     assert torch.equal(scale[0], x[0].abs().max().reshape(1) / qmax)
     assert scale[1].item() == pytest.approx(FP8_MIN_SCALE if kind == "fp8" else 1e-10, rel=1e-6)   # zero row: floor
     assert torch.count_nonzero(codes[1].float()) == 0
     back = dequantize_activations(codes, scale, "token")
-    # 8-bit rounding: E4M3 keeps 3 mantissa bits (<= 1/16 relative), INT8 half a step of amax / 127.
+    # E4M3 keeps 3 mantissa bits (<= 1/16 relative), INT8 / INT4 half a step of amax / 127 / amax / 7.
     err = ((back - x).norm(dim=1) / x.norm(dim=1).clamp_min(1e-30))[[0, 2, 3]]
-    assert err.max() < (0.04 if kind == "fp8" else 0.01)
+    assert err.max() < {"fp8": 0.04, "int8": 0.01, "int4": 0.2}[kind]
+    assert codes.float().min() >= -qmax - 1 and codes.float().max() <= qmax
     assert (err > 1e-4).all()                                              # negative control: it rounds
 
 
@@ -102,13 +104,15 @@ def test_triton_half_inputs(kind, dtype, triton_device):
 def test_triton_ties_signed_zero_and_subnormals(kind, triton_device):
     """Values that land exactly between two codes round to even; tiny negatives give -0 (FP8
     byte 0x80), subnormal E4M3 codes and the smallest normal. Row 0's amax makes the scale 1."""
-    qmax = 448.0 if kind == "fp8" else 127.0
+    qmax = QMAX[kind]
     if kind == "fp8":
         # 17 and 19 are ties between 16/18 and 18/20 (to 16, 20); 2^-9 * 2.5 a subnormal tie (to 2 * 2^-9);
         # 2^-6 * (1 - 2^-5) rounds up to the smallest normal; -1e-9 to -0; -300 to -288.
         vals = [qmax, 17.0, 19.0, 2.5 * 2 ** -9, -3.5 * 2 ** -9, 2 ** -6 * (1 - 2 ** -5), -1e-9, -300.0, 0.0]
-    else:
+    elif kind == "int8":
         vals = [qmax, 2.5, -2.5, 3.5, -0.5, 0.5, 1.5, -126.5, 0.0]
+    else:
+        vals = [qmax, 2.5, -2.5, 3.5, -0.5, 0.5, 1.5, -6.5, 0.0]
     x = torch.tensor([vals], dtype=torch.float32).to(triton_device)
     got = quantize_activations(x, kind, "token", backend="triton")
     want = quantize_activations_reference(x.cpu(), kind, "token")
@@ -118,7 +122,7 @@ def test_triton_ties_signed_zero_and_subnormals(kind, triton_device):
         assert want[0].float()[0, 1:4].tolist() == [16.0, 20.0, 2 * 2 ** -9]
         assert _bytes(want[0])[0, 6].item() == 0x80                                  # -0
     else:
-        assert want[0][0, 1:8].tolist() == [2, -2, 4, 0, 0, 2, -126]
+        assert want[0][0, 1:8].tolist() == [2, -2, 4, 0, 0, 2, -126 if kind == "int8" else -6]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -129,7 +133,8 @@ def test_triton_static_scale_from_model_dtype(kind, triton_device):
     codes, scale = quantize_activations(x, kind, "tensor", static_scale=s.to(triton_device), backend="triton")
     want = quantize_activations_reference(x.cpu(), kind, "tensor", static_scale=s)
     _assert_same((codes.cpu(), scale.cpu()), want)
-    assert _bytes(codes).cpu()[2].float().abs().max() > 0 and codes.float().abs().max() == (448 if kind == "fp8" else 128)   # saturated
+    saturated = QMAX[kind] + (kind != "fp8")                   # integer codes reach -128 / -8
+    assert _bytes(codes).cpu()[2].float().abs().max() > 0 and codes.float().abs().max() == saturated
 
 
 def test_empty_batch_and_backend_choice(triton_device):

@@ -293,3 +293,19 @@ def test_split_heuristic():
     assert choose_num_splits(64, 8, 32768, 132) == 2
     assert choose_num_splits(1, 8, 300, 132) == 2                             # >= 256 tokens per split
     assert choose_num_splits(256, 8, 100, 132) == 1
+
+
+def test_kernel_reads_fp8_scales_and_minima(triton_device):
+    """KVCacheConfig.scale_dtype fp8: the kernel reads the E4M3 scales and minima (widened to fp16)."""
+    from compress.kernels import decode_attention_triton as tk
+    gen = torch.Generator().manual_seed(0)
+    k, v = torch.randn(1, 2, 96, 32, generator=torch.Generator().manual_seed(1)) * 3 + 1, torch.randn(1, 2, 96, 32, generator=gen)
+    fp8 = torch.float8_e4m3fn
+    kc, ks, km = kq.quantize_key_blocks(k, 4, 16, fp8)
+    vc, vs, vm = kq.quantize_values(v, 4, 16, fp8)
+    res = torch.randn(1, 2, 8, 32, generator=gen).half()
+    kv = kq.QuantizedKV(4, False, 16, 96, kc, ks, km, vc, vs, vm, res, res.clone())
+    kv = type(kv)(**{f: (t.to(triton_device) if isinstance(t, torch.Tensor) else t) for f, t in vars(kv).items()})
+    q = torch.randn(1, 4, 32, generator=gen).half().to(triton_device)
+    ref = decode_attention_reference(q, kv, 0.2)
+    assert rel_err(tk.decode_attention(q, kv, 0.2, num_splits=2), ref) < 3e-3

@@ -78,7 +78,7 @@ def test_fp8_export_loads_in_compress_and_transformers_with_identical_logits(tmp
 
 def test_integer_kv_configs_travel_in_config_json_only(tmp_path, tokenizer):
     model = tiny_model("qwen2")
-    cfg = KVCacheConfig("int2", group_size=16, residual_length=32, rotate_keys=True)
+    cfg = KVCacheConfig("int2", group_size=16, residual_length=32, rotate_keys=True, scale_dtype="fp8")
     compress.quantize(model, cfg)
     path = compress.export(model, tokenizer, tmp_path / "ckpt")
     config = json.loads((path / "config.json").read_text())
@@ -138,6 +138,13 @@ def test_cli_eval_with_a_kv_cache(base, text_file, capsys):
     assert main(["-q", "eval", str(base), "--data", str(text_file), "--kv-cache", "int4",
                  "--kv-residual", "10"]) == 2
     assert "multiple of group_size" in capsys.readouterr().err
+    assert main(["-q", "eval", str(base), "--data", str(text_file), "--seqlen", "40", "--max-windows", "1",
+                 "--kv-cache", "int2", "--kv-group-size", "16", "--kv-residual", "0", "--kv-scale-dtype", "fp8",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kv_cache"] == "int2 g16 window 0, fp8 scales"
+    assert main(["-q", "eval", str(base), "--data", str(text_file), "--kv-cache", "fp8",
+                 "--kv-scale-dtype", "fp8"]) == 2
+    assert "scale_dtype is for the integer schemes" in capsys.readouterr().err
 
 
 def test_cli_quantize_kv_only_and_with_weights(base, text_file, tmp_path, capsys):

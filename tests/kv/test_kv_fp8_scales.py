@@ -1,0 +1,89 @@
+"""Integer KV caches with fp8 (E4M3) scales and minima (``KVCacheConfig.scale_dtype: fp8``): the
+bytes they save, the error they add against fp16 scales, saturation, the refusals, and the cache
+reading them (the decode-attention kernel's case is in tests/kernels/test_decode_attention.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compress.errors import ConfigError
+from compress.kv import kv_cache
+from compress.kv import quant as kq
+from compress.kv.config import KVCacheConfig, dense_bytes_per_token
+from conftest import tiny_model
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _keys(seed=0, t=256, d=64):
+    gen = torch.Generator().manual_seed(seed)
+    chan = 1 + 6 * (torch.rand(d, generator=gen) < 0.1).float()             # outlier channels, offsets
+    return torch.randn(1, 3, t, d, generator=gen) * chan + torch.randn(d, generator=gen)
+
+
+def test_fp8_scales_bring_int2_g32_past_6x_where_fp16_scales_do_not():
+    heads, dim = 3, 64                                                       # SmolLM2's KV heads
+    dense = dense_bytes_per_token(heads, dim)
+    fp16 = KVCacheConfig("int2", group_size=32).bytes_per_token(heads, dim)
+    fp8 = KVCacheConfig("int2", group_size=32, scale_dtype="fp8").bytes_per_token(heads, dim)
+    assert dense / fp16 == pytest.approx(16 / 3) and dense / fp8 == pytest.approx(6.4)
+    # per element: 2 bits of code + (scale + min) / 32 elements, 16 + 16 or 8 + 8 bits
+    assert fp8 == 2 * heads * dim * (2 + 16 / 32) / 8
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_fp8_scales_cost_little_accuracy_against_fp16(bits):
+    k = _keys()
+    errs = {}
+    for name, dtype in kq.SCALE_DTYPES.items():
+        codes, scale, lo = kq.quantize_key_blocks(k, bits, 32, dtype)
+        assert scale.dtype == dtype and lo.dtype == dtype
+        kd = kq.dequantize_keys(codes, scale, lo, bits, 32, torch.float32)
+        v_codes, v_scale, v_lo = kq.quantize_values(k, bits, 32, dtype)
+        vd = kq.dequantize_values(v_codes, v_scale, v_lo, bits, torch.float32)
+        errs[name] = ((kd - k).norm() / k.norm()).item(), ((vd - k).norm() / k.norm()).item()
+    for which in (0, 1):                                                     # keys, values
+        fp16, fp8 = errs["fp16"][which], errs["fp8"][which]
+        assert fp8 != fp16                                                   # the scales really were rounded
+        if bits == 2:        # 4 levels: the code error dominates; fp8 scales move it by a few percent either way
+            assert abs(fp8 - fp16) < 0.05 * fp16, errs
+        else:                # 16 levels: the scales' 3-bit mantissa shows, within a bound
+            assert fp16 < fp8 < 1.6 * fp16, errs
+
+
+def test_fp8_scales_saturate_instead_of_overflowing():
+    k = _keys() * 1e3                                                        # ranges past E4M3's 448
+    codes, scale, lo = kq.quantize_key_blocks(k, 2, 32, torch.float8_e4m3fn)
+    assert torch.isfinite(scale.float()).all() and torch.isfinite(lo.float()).all()
+    assert scale.float().abs().max() <= kq.FP8_MAX and lo.float().abs().max() <= kq.FP8_MAX
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(scheme="int2", scale_dtype="bf16"), "scale_dtype must be one of fp16, fp8"),
+    (dict(scheme="fp8", scale_dtype="fp8"), "scale_dtype is for the integer schemes"),
+])
+def test_bad_scale_dtypes_are_refused_by_name(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        KVCacheConfig(**kwargs)
+
+
+def test_a_cache_with_fp8_scales_stores_them_and_decodes_close_to_fp16_scales():
+    model = tiny_model("llama")
+    ids = torch.randint(0, model.config.vocab_size, (2, 96), generator=torch.Generator().manual_seed(1))
+    logits, caches = {}, {}
+    with torch.no_grad():
+        dense = model(ids).logits
+        for sd in ("fp16", "fp8"):
+            caches[sd] = kv_cache(model, KVCacheConfig("int4", group_size=16, residual_length=0, scale_dtype=sd))
+            out = []
+            for i in range(0, ids.shape[1], 8):                             # decode 8 tokens at a time
+                out.append(model(ids[:, i:i + 8], past_key_values=caches[sd], use_cache=True).logits)
+            logits[sd] = torch.cat(out, dim=1)
+    layer = caches["fp8"].layers[0]
+    assert layer.store["k_scale"].dtype == torch.float8_e4m3fn and layer.store["v_min"].dtype == torch.float8_e4m3fn
+    assert caches["fp8"].layers[0].memory()["quantized"] < caches["fp16"].layers[0].memory()["quantized"]
+    e16, e8 = (rel_err(logits[sd], dense) for sd in ("fp16", "fp8"))
+    assert 0 < e16 < e8 < 2 * e16 + 1e-3, (e16, e8)
