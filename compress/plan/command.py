@@ -257,13 +257,17 @@ def add_plan_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--decode-tokens-per-s", type=float, help="decode speed target, new tokens/s per sequence")
     p.add_argument("--prefill-tokens-per-s", type=float,
                    help="prefill speed target, prompt tokens/s over the batch x context prefill (instead of a decode "
-                        "target); on devices with native FP8 / INT8 math this is where W8A8 formats pay")
+                        "target); on devices with native FP8 / INT8 / FP4 math this is where W8A8, W4A8 and NVFP4 "
+                        "W4A4 formats pay")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     p.add_argument("--context", type=int, default=None,
                    help="tokens in the KV cache; with it the memory budget covers weights + KV cache + working "
                         "memory and the KV-cache format is chosen too (without it: the checkpoint's bytes)")
     p.add_argument("--formats", help="comma-separated candidate weight formats, e.g. bf16,int8,int4-g64,"
-                                     "int3-g64-asym,nvfp4a16 (default: those with kernels on the device)")
+                                     "int3-g64-asym,nvfp4a16,w4a8-int8-g64 (default: those with kernels on the "
+                                     "device, plus fp8, w8a8-int8, w4a8-int8-g128, w4a8-fp8-g128 and nvfp4 where "
+                                     "its tensor cores run their activations' math; the plan lists what it left out "
+                                     "and why)")
     p.add_argument("--kv-options", help=f"comma-separated KV-cache candidates among {','.join(KV_OPTIONS)}")
     p.add_argument("--calib", required=True, help="calibration text file or hub dataset NAME[:CONFIG][@SPLIT]")
     p.add_argument("--calib-samples", type=int, default=64)

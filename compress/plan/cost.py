@@ -346,13 +346,13 @@ def math_note(profile: DeviceProfile, fmt: WeightFormat) -> str | None:
     missing = missing_math(profile, fmt)
     if missing is None:
         key = ACT_MATH[codes][0]
-        rate = f"the {_ACT_NAMES[codes]} tensor-core rate, {profile.tflops[key]:g} {'TOPS' if key == 'int8' else 'TFLOPS'}"
+        unit = "TOPS" if key == "int8" else "TFLOPS"
+        rate = f"the {_ACT_NAMES[codes]} tensor-core rate, {profile.tflops[key]:g} {unit}"
         if fmt.w8a8:
             return f"prefill at {rate} (a vendor GEMM); decode reads 8-bit weights"
-        twin = "int4" if fmt.w4a8 else "nvfp4a16"
-        return (f"decode reads the weights as {twin} does (memory-bound: same bytes, same speed); prefill at "
-                f"{rate}, as a serving engine's {'W4A8' if fmt.w4a8 else 'NVFP4'} kernel runs it (compress's own "
-                f"runtime simulates the rounding and multiplies in bf16)")
+        return (f"decode reads {weight_only_twin(fmt).name}'s weights (memory-bound, as W4A16); prefill at {rate}, "
+                f"as a serving engine's {'W4A8' if fmt.w4a8 else 'NVFP4'} kernel runs it (compress's own runtime "
+                f"rounds the activations and multiplies in bf16)")
     if fmt.w8a8:
         if has_kernel(profile, fmt):
             return f"{missing}: costed at the bf16 rate"

@@ -6,8 +6,8 @@ and predicted loss (``sensitivity``). Minimising the summed loss under a byte bu
 multiple-choice knapsack, solved exactly by dynamic programming over bytes counted in bins (every
 option's bytes are rounded *up* to a bin, so a plan the DP accepts fits the exact budget; the bin
 is budget / ``BINS``). A speed target is a second budget (seconds per decode step, or seconds per
-prefill of batch x context tokens: the target that makes native FP8 / INT8 W8A8 GEMMs worth their
-activation rounding on devices that have them), handled by a
+prefill of batch x context tokens: the target that makes formats rounding their activations, W8A8,
+W4A8 and NVFP4 W4A4, worth that rounding on devices whose tensor cores run it), handled by a
 Lagrange multiplier: the DP minimises loss + mu * seconds, and mu is bisected to the smallest value
 whose plan meets the target. With a context length the KV-cache format is chosen too: the search
 runs once per KV option (its bytes, seconds and loss are fixed costs) and keeps the best.

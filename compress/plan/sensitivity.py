@@ -11,11 +11,13 @@ second order with the diagonal Fisher of its outputs:
 - ``E_t[dy_{t,r}^2]`` = e_r H e_r^T / 2 with e_r the row's weight error and H = 2/n sum_t x_t x_t^T
   the GPTQ Hessian of the unit's input, collected by the shared calibration engine on the float
   model. ``Q_f`` is what the recipe will run: GPTQ (default) or round-to-nearest onto f.
-- W8A8 formats (fp8, w8a8-int8) also round the activations: dy_t = Q_f x~_t - W x_t, whose second
-  moment adds sum_j Q_rj^2 E_t[(x~_t - x_t)_j^2] (rounding errors taken as uncorrelated across
-  channels and with the weight error). The per-channel mean squared rounding error is measured on
-  the same calibration inputs; a static per-tensor scale is taken as the dynamic per-token one
-  (its scale comes from the whole calibration set, so it is known only after the pass).
+- Formats that round the activations too (W8A8 fp8 / w8a8-int8, W4A8 w4a8-int8 / w4a8-fp8, NVFP4
+  W4A4 nvfp4): dy_t = Q_f x~_t - W x_t, whose second moment adds sum_j Q_rj^2 E_t[(x~_t - x_t)_j^2]
+  (rounding errors taken as uncorrelated across channels and with the weight error). The
+  per-channel mean squared rounding error is measured on the same calibration inputs; a static
+  per-tensor scale is taken as the dynamic per-token one, and NVFP4's static global scale as each
+  calibration batch's own (both come from the whole calibration set, so they are known only after
+  the pass; NVFP4's global scale only bounds its E4M3 block scales).
 
 Units are measured one at a time on the float model, and the planner adds their costs; the sum
 predicts the model's loss increase (reported next to the measurement after ``compress run``).
@@ -41,11 +43,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..engine import run_layerwise
+from ..errors import ConfigError
 from ..kernels.act_quant import fake_quantize_activations
 from ..evaluation import perplexity_through_cache
 from ..formats import WeightFormat
 from ..kv.config import KVCacheConfig
 from ..quant.config import GPTQConfig, RTNConfig
+from ..quant.fp4 import nvfp4_fake_quantize_activations, nvfp4_global_scale
 from ..quant.gptq import gptq_solve
 from ..quant.rtn import rtn_solve
 from ..stats import HessianStats
@@ -54,6 +58,9 @@ from .cost import ModelShape
 log = logging.getLogger(__name__)
 
 SENSITIVITY_VERSION = 1
+# Cached costs of W4A8 and NVFP4 W4A4 formats written before their activation rounding was counted
+# (files without this key) are measured again; the other formats' entries stay valid.
+ACT_TERMS = 2
 KV_OPTIONS = ("bf16", "fp8", "int8", "int4")         # int2 is accepted when named (--kv-options)
 
 
@@ -73,8 +80,8 @@ class Sensitivity:
         return self.dloss[fmt.name][unit]
 
     def to_dict(self) -> dict:
-        return {"version": SENSITIVITY_VERSION, "key": self.key, "solver": self.solver, "base_loss": self.base_loss,
-                "dloss": self.dloss}
+        return {"version": SENSITIVITY_VERSION, "act_terms": ACT_TERMS, "key": self.key, "solver": self.solver,
+                "base_loss": self.base_loss, "dloss": self.dloss}
 
 
 def cache_dir() -> Path:
@@ -145,7 +152,7 @@ class _Probe:
         return name in self.unit_of
 
     def new_stats(self, module: nn.Linear) -> HessianStats:
-        acts = {_act_key(f) for f in self.formats if f.w8a8}
+        acts = {_act_key(f) for f in self.formats if f.act_quant and f.fits(module.in_features)}
         return _ProbeStats(module.in_features, sorted(acts), device=module.weight.device)
 
     def _config(self, fmt: WeightFormat):
@@ -168,7 +175,7 @@ class _Probe:
                 result = rtn_solve(weight, cfg, modules[0].weight.dtype, h.diagonal())
             err = result.weight.float() - weight                                     # (rows, in)
             out_mse = ((err @ h) * err).sum(1) / 2                                   # E_t[dy_r^2], (rows,)
-            if fmt.w8a8:
+            if fmt.act_quant:
                 # the activations' rounding: sum_j Q_rj^2 E_t[dx_j^2]
                 out_mse = out_mse + result.weight.float().square() @ stats.act_mse(_act_key(fmt))
             per_row = 0.5 * fisher * out_mse
@@ -184,13 +191,25 @@ class _Probe:
 
 
 def _act_key(fmt: WeightFormat) -> tuple[str, str]:
-    """(activation kind, dynamic strategy) of a W8A8 format; static per tensor is measured as per token."""
-    return ("fp8" if fmt.kind == "fp8" else "int8", "group" if fmt.act_strategy == "group" else "token")
+    """(activation codes, dynamic strategy) of a format that rounds its activations: W8A8 and W4A8
+    ("int8" / "fp8", per token or per 1x128 group; static per tensor is measured as per token) or
+    NVFP4 W4A4 ("nvfp4", per 16-block)."""
+    if fmt.act_codes == "nvfp4":
+        return ("nvfp4", "block")
+    return (fmt.act_codes, "group" if fmt.act_strategy == "group" else "token")
+
+
+def _round_activations(x: torch.Tensor, kind: str, strategy: str) -> torch.Tensor:
+    """``x`` (tokens, in) float32 rounded as format kind/strategy rounds it at run time. NVFP4 takes
+    its global scale from this batch's max |x| (the export's comes from all calibration batches)."""
+    if kind == "nvfp4":
+        return nvfp4_fake_quantize_activations(x, nvfp4_global_scale(x.abs().amax()))
+    return fake_quantize_activations(x, kind, strategy)
 
 
 class _ProbeStats(HessianStats):
     """The Hessian, plus per input channel the summed squared activation rounding error of each
-    W8A8 activation scheme ``acts`` ((kind, strategy) pairs)."""
+    activation scheme ``acts`` ((codes, strategy) pairs of ``_act_key``)."""
 
     def __init__(self, in_features: int, acts: list[tuple[str, str]], device):
         super().__init__(in_features, device=device)
@@ -200,11 +219,21 @@ class _ProbeStats(HessianStats):
         super().add(x)
         xf = x.reshape(-1, self.in_features).float()                     # (tokens, in)
         for (kind, strategy), acc in self.act_sq.items():
-            acc += (fake_quantize_activations(xf, kind, strategy) - xf).square().sum(0)
+            acc += (_round_activations(xf, kind, strategy) - xf).square().sum(0)
 
     def act_mse(self, key: tuple[str, str]) -> torch.Tensor:
         """(in,) E_t[(x~ - x)_j^2]."""
         return self.act_sq[key] / max(self.tokens, 1)
+
+
+def _stale_act_term(name: str) -> bool:
+    """Whether a cached entry for format ``name`` predates ACT_TERMS: W4A8 and NVFP4 W4A4 costs
+    were measured without their activation rounding then (W8A8's had it already)."""
+    try:
+        fmt = WeightFormat.parse(name)
+    except ConfigError:
+        return True                                   # a spelling this version does not read: measure again
+    return fmt.act_quant and not fmt.w8a8
 
 
 def _fingerprint(data: dict) -> str:
@@ -233,6 +262,8 @@ def measure_sensitivity(model: nn.Module, shape: ModelShape, calib, formats: lis
     if stored is not None and stored.get("key") != key:
         stored = None
     dloss: dict[str, dict[str, float]] = dict(stored["dloss"]) if stored else {}
+    if stored and stored.get("act_terms", 1) < ACT_TERMS:
+        dloss = {name: d for name, d in dloss.items() if not _stale_act_term(name)}
     todo = [f for f in quantized if f.name not in dloss]
     base_loss = stored["base_loss"] if stored else None
     if todo or base_loss is None:
