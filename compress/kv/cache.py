@@ -193,11 +193,12 @@ class QuantizedKVLayer(DynamicLayer):
             s["v_codes"][:, :, start:start + n] = quantize_fp8(v, self.v_scale_fp8)
         else:
             g = cfg.group_size
-            codes, scale, lo = quantize_key_blocks(k, cfg.bits, g, cfg.scale_torch_dtype)
+            codes, scale, lo = quantize_key_blocks(k, cfg.bits, g, cfg.scale_torch_dtype, cfg.clip)
             s["k_codes"][:, :, start:start + n] = codes
             s["k_scale"][:, :, start // g:(start + n) // g] = scale
             s["k_min"][:, :, start // g:(start + n) // g] = lo
-            codes, scale, lo = quantize_values(v, cfg.bits, cfg.value_group(v.shape[-1]), cfg.scale_torch_dtype)
+            codes, scale, lo = quantize_values(v, cfg.bits, cfg.value_group(v.shape[-1]), cfg.scale_torch_dtype,
+                                               cfg.clip)
             s["v_codes"][:, :, start:start + n] = codes
             s["v_scale"][:, :, start:start + n] = scale
             s["v_min"][:, :, start:start + n] = lo

@@ -87,3 +87,30 @@ def test_a_cache_with_fp8_scales_stores_them_and_decodes_close_to_fp16_scales():
     assert caches["fp8"].layers[0].memory()["quantized"] < caches["fp16"].layers[0].memory()["quantized"]
     e16, e8 = (rel_err(logits[sd], dense) for sd in ("fp16", "fp8"))
     assert 0 < e16 < e8 < 2 * e16 + 1e-3, (e16, e8)
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float8_e4m3fn])
+def test_mse_clip_lowers_the_rounding_error_of_every_group(scale_dtype):
+    k = _keys(3)
+    plain = kq.quantize_values(k, 2, 32, scale_dtype)
+    mse = kq.quantize_values(k, 2, 32, scale_dtype, clip="mse")
+
+    def group_err(q):
+        d = kq.dequantize_values(*q, 2, torch.float32) - k
+        return d.reshape(*d.shape[:-1], 2, 32).square().sum(-1)
+    e_plain, e_mse = group_err(plain), group_err(mse)
+    assert (e_mse <= e_plain + 1e-6).all()                                  # never worse in any group
+    assert e_mse.sum() < 0.8 * e_plain.sum()                                 # and clearly better overall
+    keys_plain = kq.quantize_key_blocks(k, 2, 32, scale_dtype)
+    keys_mse = kq.quantize_key_blocks(k, 2, 32, scale_dtype, clip="mse")
+    err = [(kq.dequantize_keys(*q, 2, 32, torch.float32) - k).norm() for q in (keys_plain, keys_mse)]
+    assert err[1] < 0.9 * err[0]
+
+
+def test_clip_is_refused_for_fp8_caches_and_unknown_names():
+    with pytest.raises(ConfigError, match="clip is for the integer schemes"):
+        KVCacheConfig("fp8", clip="mse")
+    with pytest.raises(ConfigError, match="clip must be 'minmax' or 'mse'"):
+        KVCacheConfig("int2", clip="percentile")
+    assert KVCacheConfig("int2", clip="mse", scale_dtype="fp8").describe() == \
+        "int2 g64 window 128, fp8 scales, mse clip"
