@@ -61,6 +61,8 @@ SETTINGS = {
     "int2-g32-w128-rot-s8-mse": KVCacheConfig("int2", group_size=32, residual_length=128, rotate_keys=True,
                                               scale_dtype="fp8", clip="mse"),
     "int2-w128-rot-mse": KVCacheConfig("int2", residual_length=128, rotate_keys=True, clip="mse"),
+    "int2-g32-w128-rot-s8-sink4": KVCacheConfig("int2", group_size=32, residual_length=128, rotate_keys=True,
+                                                scale_dtype="fp8", sink_tokens=4),
 }
 
 

@@ -88,6 +88,8 @@ def decode_attention_reference(q: torch.Tensor, kv: QuantizedKVLike, scale: floa
 def layout_unsupported(q: torch.Tensor, kv: QuantizedKVLike) -> str | None:
     """Why the Triton kernel cannot read this cache, or None when it can."""
     d = q.shape[-1]
+    if getattr(kv, "k_sink", None) is not None:
+        return "the Triton kernel reads no full-precision sink tokens (KVCacheConfig.sink_tokens)"
     if d < 16 or d > 256 or d & (d - 1):
         return f"the Triton kernel needs a power-of-two head_dim in 16..256, not {d}"
     if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] < 8:

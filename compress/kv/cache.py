@@ -73,6 +73,8 @@ class QuantizedKVLayer(DynamicLayer):
         self.cfg.check_model(d)
         self.keys = key_states.new_empty(b, h, 0, d)            # the full-precision window
         self.values = value_states.new_empty(b, h, 0, d)
+        self.sink_keys = key_states.new_empty(b, h, 0, d)       # the first sink_tokens, never quantized
+        self.sink_values = value_states.new_empty(b, h, 0, d)
         if self.cfg.is_fp8:
             self.k_scale_fp8 = self._fp8_scale(self.k_scale_fp8, key_states, h)
             self.v_scale_fp8 = self._fp8_scale(self.v_scale_fp8, value_states, h)
@@ -86,7 +88,7 @@ class QuantizedKVLayer(DynamicLayer):
         return view.dequantize()
 
     def get_seq_length(self) -> int:
-        return self.length + (self.keys.shape[2] if self.is_initialized else 0)
+        return self.length + (self.keys.shape[2] + self.sink_keys.shape[2] if self.is_initialized else 0)
 
     def reset(self) -> None:
         super().reset()
@@ -116,6 +118,11 @@ class QuantizedKVLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         if self.cfg.rotate_keys:
             key_states = rotate(key_states)
+        take = min(self.cfg.sink_tokens - self.sink_keys.shape[2], key_states.shape[2])
+        if take > 0:
+            self.sink_keys = torch.cat([self.sink_keys, key_states[:, :, :take]], dim=2)
+            self.sink_values = torch.cat([self.sink_values, value_states[:, :, :take]], dim=2)
+            key_states, value_states = key_states[:, :, take:], value_states[:, :, take:]
         self.keys = torch.cat([self.keys, key_states], dim=2)
         self.values = torch.cat([self.values, value_states], dim=2)
         block = self.cfg.flush_block
@@ -134,7 +141,9 @@ class QuantizedKVLayer(DynamicLayer):
         return QuantizedKV(bits=cfg.bits, fp8=cfg.is_fp8, group_size=cfg.group_size, length=self.length,
                            k_codes=s["k_codes"], k_scale=s.get("k_scale", self.k_scale_fp8), k_min=s.get("k_min"),
                            v_codes=s["v_codes"], v_scale=s.get("v_scale", self.v_scale_fp8), v_min=s.get("v_min"),
-                           k_res=self.keys, v_res=self.values, rotated=cfg.rotate_keys)
+                           k_res=self.keys, v_res=self.values, rotated=cfg.rotate_keys,
+                           k_sink=self.sink_keys if cfg.sink_tokens else None,
+                           v_sink=self.sink_values if cfg.sink_tokens else None)
 
     def memory(self) -> dict[str, int]:
         """Bytes in use: ``quantized`` (codes and scales of the stored tokens), ``window`` (the
@@ -143,7 +152,8 @@ class QuantizedKVLayer(DynamicLayer):
             return {"quantized": 0, "window": 0, "allocated": 0}
         b, h, _, d = self.keys.shape
         per_token = self.cfg.bytes_per_token(h, d) * b
-        window = (self.keys.numel() + self.values.numel()) * self.keys.element_size()
+        window = sum(t.numel() for t in (self.keys, self.values, self.sink_keys, self.sink_values))
+        window *= self.keys.element_size()
         allocated = sum(t.numel() * t.element_size() for t in self.store.values())
         return {"quantized": int(round(per_token * self.length)), "window": window, "allocated": allocated}
 
@@ -208,6 +218,7 @@ class QuantizedKVLayer(DynamicLayer):
         if not self.is_initialized:
             return
         self.keys, self.values = fn(self.keys), fn(self.values)
+        self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
         self.store = {k: fn(t) for k, t in self.store.items()}
 
 
@@ -229,6 +240,8 @@ class QuantizedSlidingWindowLayer(QuantizedKVLayer):
 
     def __init__(self, cfg: KVCacheConfig, sliding_window: int, k_scale: torch.Tensor | None = None,
                  v_scale: torch.Tensor | None = None):
+        if cfg.sink_tokens:                    # the window drops the first tokens: no sink to keep
+            cfg = dataclasses.replace(cfg, sink_tokens=0)
         super().__init__(cfg, k_scale, v_scale, fused=False)
         if sliding_window < 1:
             raise ConfigError(f"a sliding-window layer needs sliding_window >= 1, got {sliding_window}; check the "

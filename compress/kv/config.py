@@ -39,6 +39,9 @@ class KVCacheConfig(MethodConfig):
     clip:             integer schemes: "minmax" (default, KIVI) or "mse": each group's range is the
                       narrowing of [min, max] with the least squared rounding error (nine tried;
                       costs nothing at read time, about nine times the quantization work per flush).
+    sink_tokens:      the first tokens of every sequence kept in full precision for its whole life
+                      (attention sinks: IntactKV, KVSink). A fixed cost like the window, not per
+                      token; 0 (default) quantizes them like the rest. Not for sliding-window layers.
     """
 
     method = "kv_cache"
@@ -49,6 +52,7 @@ class KVCacheConfig(MethodConfig):
     rotate_keys: bool = False
     scale_dtype: Literal["fp16", "fp8"] = "fp16"
     clip: Literal["minmax", "mse"] = "minmax"
+    sink_tokens: int = 0
 
     def validate(self) -> None:
         if self.scheme not in KV_SCHEMES:
@@ -69,6 +73,8 @@ class KVCacheConfig(MethodConfig):
         if self.clip != "minmax" and self.is_fp8:
             raise ConfigError("clip is for the integer schemes (their per-group ranges); an fp8 cache's scale is "
                               "calibrated per head: drop clip or use int8/int4/int2")
+        if self.sink_tokens < 0:
+            raise ConfigError(f"kv cache sink_tokens must be >= 0, got {self.sink_tokens}")
         r = self.residual_length
         if r is not None and r < 0:
             raise ConfigError(f"residual_length must be >= 0, got {r}")
@@ -129,8 +135,9 @@ class KVCacheConfig(MethodConfig):
         return keys + values
 
     def residual_bytes(self, num_kv_heads: int, head_dim: int, dtype_bytes: int = 2) -> int:
-        """Bytes of the largest full-precision window: residual + up to one unfinished key block."""
-        tokens = self.residual + self.flush_block - 1
+        """Bytes of the largest full-precision window: residual + up to one unfinished key block,
+        plus the sink tokens."""
+        tokens = self.residual + self.flush_block - 1 + self.sink_tokens
         return 2 * tokens * num_kv_heads * head_dim * dtype_bytes
 
     def describe(self) -> str:
@@ -139,7 +146,8 @@ class KVCacheConfig(MethodConfig):
         rot = ", rotated keys" if self.rotate_keys else ""
         scales = ", fp8 scales" if self.scale_dtype == "fp8" else ""
         clip = ", mse clip" if self.clip == "mse" else ""
-        return f"{self.scheme} g{self.group_size} window {self.residual}{rot}{scales}{clip}"
+        sink = f", {self.sink_tokens} sink tokens" if self.sink_tokens else ""
+        return f"{self.scheme} g{self.group_size} window {self.residual}{rot}{scales}{clip}{sink}"
 
 
 def dense_bytes_per_token(num_kv_heads: int, head_dim: int, dtype_bytes: int = 2) -> int:

@@ -175,7 +175,9 @@ class QuantizedKV:
     for E4M3 (``k_scale``/``v_scale`` float32 per head (H,), mins None). Quantized tensors may be
     views into larger preallocated buffers: only the first ``length`` tokens
     (``ceil(length/group_size)`` key blocks) are valid. ``rotated``: keys (quantized and residual)
-    are stored multiplied by the Hadamard matrix; rotate the query to match.
+    are stored multiplied by the Hadamard matrix; rotate the query to match. ``k_sink`` / ``v_sink``
+    (B, H, S, D), when set: the sequence's first S tokens in full precision (rotated like the
+    residual), before the quantized ones.
     """
 
     bits: int
@@ -191,14 +193,20 @@ class QuantizedKV:
     k_res: torch.Tensor
     v_res: torch.Tensor
     rotated: bool = False
+    k_sink: torch.Tensor | None = None
+    v_sink: torch.Tensor | None = None
 
     @property
     def dtype(self) -> torch.dtype:
         return self.k_res.dtype
 
     @property
+    def sink_length(self) -> int:
+        return 0 if self.k_sink is None else self.k_sink.shape[2]
+
+    @property
     def total_length(self) -> int:
-        return self.length + self.k_res.shape[2]
+        return self.sink_length + self.length + self.k_res.shape[2]
 
     def dequantize(self, unrotate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (B, H, length + R, D) in the residual's dtype, oldest token first."""
@@ -212,8 +220,8 @@ class QuantizedKV:
                                 self.bits, self.group_size, dtype)
             v = dequantize_values(self.v_codes[:, :, :n], self.v_scale[:, :, :n], self.v_min[:, :, :n],
                                   self.bits, dtype)
-        k = torch.cat([k, self.k_res], dim=2)
-        v = torch.cat([v, self.v_res], dim=2)
+        k = torch.cat([k, self.k_res] if self.k_sink is None else [self.k_sink, k, self.k_res], dim=2)
+        v = torch.cat([v, self.v_res] if self.v_sink is None else [self.v_sink, v, self.v_res], dim=2)
         if self.rotated and unrotate:
             k = rotate(k)
         return k, v

@@ -114,3 +114,28 @@ def test_clip_is_refused_for_fp8_caches_and_unknown_names():
         KVCacheConfig("int2", clip="percentile")
     assert KVCacheConfig("int2", clip="mse", scale_dtype="fp8").describe() == \
         "int2 g64 window 128, fp8 scales, mse clip"
+
+
+def test_sink_tokens_stay_in_full_precision_and_attention_reads_them_first():
+    model = tiny_model("llama")
+    ids = torch.randint(0, model.config.vocab_size, (2, 80), generator=torch.Generator().manual_seed(2))
+    base = dict(scheme="int2", group_size=16, residual_length=16)
+    with torch.no_grad():
+        dense = model(ids).logits
+        out = {}
+        for sink in (0, 4):
+            cache = kv_cache(model, KVCacheConfig(**base, sink_tokens=sink))
+            steps = [model(ids[:, i:i + 8], past_key_values=cache, use_cache=True).logits for i in range(0, 80, 8)]
+            out[sink] = torch.cat(steps, dim=1), cache
+    layer = out[4][1].layers[0]
+    assert layer.sink_keys.shape[2] == 4 and layer.get_seq_length() == 80
+    assert layer.length + layer.keys.shape[2] == 76                           # the rest: quantized + window
+    view = layer.view()
+    keys, _ = view.dequantize()
+    assert keys.shape[2] == 80 and torch.equal(keys[:, :, :4], layer.sink_keys)
+    # full-precision sinks bring the 2-bit cache closer to float on the same tokens
+    assert rel_err(out[4][0], dense) < rel_err(out[0][0], dense)
+    assert out[4][1].layers[0].memory()["window"] > out[0][1].layers[0].memory()["window"]
+    assert KVCacheConfig(**base, sink_tokens=4).describe() == "int2 g16 window 16, 4 sink tokens"
+    with pytest.raises(ConfigError, match="sink_tokens must be >= 0"):
+        KVCacheConfig(**base, sink_tokens=-1)
