@@ -63,6 +63,8 @@ SETTINGS = {
     "int2-w128-rot-mse": KVCacheConfig("int2", residual_length=128, rotate_keys=True, clip="mse"),
     "int2-g32-w128-rot-s8-sink4": KVCacheConfig("int2", group_size=32, residual_length=128, rotate_keys=True,
                                                 scale_dtype="fp8", sink_tokens=4),
+    "int2-w128-rot-sink4": KVCacheConfig("int2", residual_length=128, rotate_keys=True, sink_tokens=4),
+    "int4-w128-sink4": KVCacheConfig("int4", residual_length=128, sink_tokens=4),
 }
 
 

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -25,7 +26,8 @@ from .checkpoint.inspect import format_inspection, inspect_checkpoint
 from .errors import CompressError, ConfigError
 from .evaluation import evaluate
 from .kernels.dequant_linear import BACKENDS
-from .loading import load_model
+from .checkpoint.model_free import quantize_model_free
+from .loading import load_model, resolve_source
 from .plan.command import add_plan_parser, run_plan
 from .plan.devices import add_devices_parser, load_profile, match_local_profile, run_devices, save_profile
 from .formats import SCHEMES, WeightFormat
@@ -93,8 +95,11 @@ def _parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model's weights and export a checkpoint")
     q.add_argument("model", help="checkpoint directory, .gguf file, package:PKG/FILE or hub id")
     q.add_argument("--method", choices=_method_names("quantize", exclude=(KVCacheConfig.method,)) + ["none"],
-                   default="gptq", help="weight quantizer (any registered quantization method); 'none' leaves the "
-                   "weights alone (with --kv-cache: only the KV cache)")
+                   default=None, help="weight quantizer (any registered quantization method; default gptq, rtn with "
+                   "--model-free); 'none' leaves the weights alone (with --kv-cache: only the KV cache)")
+    q.add_argument("--model-free", action="store_true",
+                   help="quantize a safetensors checkpoint directory tensor by tensor without building the model "
+                        "(rtn with a data-free scheme; bit for bit the model-based result; docs/model-free.md)")
     q.add_argument("--set", dest="settings", metavar="KEY=VALUE", type=_setting, action="append", default=[],
                    help="any field of the method's config (repeatable), e.g. --set damp=0.05")
     q.add_argument("--scheme", choices=list(SCHEMES), default="int",
@@ -257,6 +262,8 @@ def _kv_arguments(p: argparse.ArgumentParser, eval_flags: bool) -> None:
     g.add_argument("--kv-rotate", action="store_true", help="Hadamard-rotate keys before quantizing (integers)")
     g.add_argument("--kv-scale-dtype", choices=["fp16", "fp8"], default=d.scale_dtype,
                    help="storage of the integer schemes' scales and minima (fp8: one byte each)")
+    g.add_argument("--kv-sink", type=int, default=d.sink_tokens, metavar="N",
+                   help="keep each sequence's first N tokens in full precision (attention sinks)")
     if eval_flags:
         g.add_argument("--kv-chunk", type=int, default=1,
                        help="tokens per forward through the cache (1 = decode token by token)")
@@ -267,7 +274,8 @@ def _kv_config(args) -> KVCacheConfig | None:
     if not args.kv_cache:
         return None
     return KVCacheConfig(scheme=args.kv_cache, group_size=args.kv_group_size, residual_length=args.kv_residual,
-                         fp8_scale=args.kv_fp8_scale, rotate_keys=args.kv_rotate, scale_dtype=args.kv_scale_dtype)
+                         fp8_scale=args.kv_fp8_scale, rotate_keys=args.kv_rotate, scale_dtype=args.kv_scale_dtype,
+                         sink_tokens=args.kv_sink)
 
 
 _BACKEND_HELP = "kernels of the packed layers: auto (Triton on CUDA, PyTorch on CPU), torch or triton"
@@ -393,6 +401,10 @@ def _interrupted(out: Path | None, before: tuple[int, int] | None) -> str:
 
 
 def _quantize(args) -> int:
+    if args.method is None:
+        args.method = "rtn" if args.model_free else "gptq"
+    if args.model_free:
+        return _quantize_model_free(args)
     kv = _kv_config(args)
     passes = [kv] if kv is not None else []
     if kv is not None and kv.is_fp8 and not args.calib:
@@ -403,14 +415,7 @@ def _quantize(args) -> int:
             print("compress quantize: error: --method none quantizes nothing; add --kv-cache SCHEME", file=sys.stderr)
             return 2
         return _run_passes(args, passes)
-    flags = dict(bits=args.bits, symmetric=not args.asymmetric,
-                 partial_groups=args.partial_groups, ignore=list(args.ignore), scheme=args.scheme,
-                 act_order=not args.no_act_order, damp=args.damp)
-    if "group_size" in args:
-        flags["group_size"] = args.group_size
-    if args.observer:
-        flags["observer"] = args.observer
-    cfg = _method_config(args.method, flags, args.settings, "command line")
+    cfg = _method_config(args.method, _weight_flags(args), args.settings, "command line")
     if not args.calib and method_of(cfg).needs_data(cfg):
         # Smoothing passes have no weight format; their data need is the method's own.
         static = getattr(getattr(cfg, "weight_format", None), "static_activations", False)
@@ -420,6 +425,38 @@ def _quantize(args) -> int:
         print(f"compress quantize: error: {what} needs --calib FILE (calibration text)", file=sys.stderr)
         return 2
     return _run_passes(args, [cfg] + passes)
+
+
+def _weight_flags(args) -> dict:
+    """The weight-quantization config fields ``compress quantize``'s flags give."""
+    flags = dict(bits=args.bits, symmetric=not args.asymmetric,
+                 partial_groups=args.partial_groups, ignore=list(args.ignore), scheme=args.scheme,
+                 act_order=not args.no_act_order, damp=args.damp)
+    if "group_size" in args:
+        flags["group_size"] = args.group_size
+    if args.observer:
+        flags["observer"] = args.observer
+    return flags
+
+
+def _quantize_model_free(args) -> int:
+    """``compress quantize SRC --model-free``: no model is built, loaded or run (docs/model-free.md)."""
+    given = [flag for flag, value in (("--calib", args.calib), ("--eval", args.eval_data),
+                                      ("--kv-cache", args.kv_cache), ("--device", args.device)) if value]
+    if given:
+        raise ConfigError(f"{', '.join(given)} do(es) not apply to --model-free, which reads and writes weights "
+                          f"without running the model; drop {'it' if len(given) == 1 else 'them'}, or quantize "
+                          f"without --model-free")
+    if args.method == "none":
+        raise ConfigError("--method none quantizes nothing; --model-free takes --method rtn")
+    cfg = _method_config(args.method, _weight_flags(args), args.settings, "command line")
+    start = time.perf_counter()
+    out = quantize_model_free(resolve_source(args.model), args.output, cfg, overwrite=args.overwrite,
+                              dtype=args.dtype, progress=not args.quiet)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors")
+    print(f"wrote {out} ({size / 2**20:.1f} MiB of weights, {cfg.weight_format} round-to-nearest, model-free) "
+          f"in {time.perf_counter() - start:.1f} s")
+    return 0
 
 
 def _run_passes(args, passes) -> int:

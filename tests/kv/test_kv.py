@@ -140,8 +140,8 @@ def test_cli_eval_with_a_kv_cache(base, text_file, capsys):
     assert "multiple of group_size" in capsys.readouterr().err
     assert main(["-q", "eval", str(base), "--data", str(text_file), "--seqlen", "40", "--max-windows", "1",
                  "--kv-cache", "int2", "--kv-group-size", "16", "--kv-residual", "0", "--kv-scale-dtype", "fp8",
-                 "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["kv_cache"] == "int2 g16 window 0, fp8 scales"
+                 "--kv-sink", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kv_cache"] == "int2 g16 window 0, fp8 scales, 2 sink tokens"
     assert main(["-q", "eval", str(base), "--data", str(text_file), "--kv-cache", "fp8",
                  "--kv-scale-dtype", "fp8"]) == 2
     assert "scale_dtype is for the integer schemes" in capsys.readouterr().err
