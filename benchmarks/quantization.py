@@ -5,6 +5,8 @@
     python benchmarks/quantization.py --fp4 --verify --output benchmarks/results/quantization-smollm2-fp4.json
     python benchmarks/quantization.py --w8a8 --verify --output benchmarks/results/quantization-smollm2-w8a8.json
     python benchmarks/quantization.py --rotation --verify --output benchmarks/results/quantization-smollm2-rotation.json
+    python benchmarks/quantization.py --only w4a4-int4-rtn rot-w4a4-int4-rtn w4a4-int4-gptq rot-w4a4-int4-gptq \
+        --output benchmarks/results/quantization-smollm2-w4a4.json
 
 For each setting: WikiText-2 test perplexity (first 40 windows of 512 tokens), quantization wall
 time (calibration data + solve; GPTQ calibrates on 64 windows of 512 tokens from valid.txt, seed 0),
@@ -106,6 +108,12 @@ def rotation_settings() -> dict:
         "rot-nvfp4a16-gptq": [rot, compress.GPTQConfig(scheme="nvfp4a16", observer="mse")],
         "gptq-w4g64-sym": SETTINGS["gptq-w4g64-sym"],
         "rot-gptq-w4g64-sym": [rot, compress.GPTQConfig(bits=4, group_size=64, symmetric=True)],
+        # W4A4 int4 (docs/w8a8.md, "W4A4 int4"): int4 weights per output channel as QuaRot, activations
+        # rounded per token to int4; QuaRot's claim is that the rotation is what makes it work.
+        "w4a4-int4-rtn": compress.RTNConfig(scheme="w4a4-int4", group_size=None),
+        "rot-w4a4-int4-rtn": [rot, compress.RTNConfig(scheme="w4a4-int4", group_size=None)],
+        "w4a4-int4-gptq": compress.GPTQConfig(scheme="w4a4-int4", group_size=None),
+        "rot-w4a4-int4-gptq": [rot, compress.GPTQConfig(scheme="w4a4-int4", group_size=None)],
     }
 
 

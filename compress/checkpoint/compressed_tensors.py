@@ -43,6 +43,11 @@ int8 codes) because vLLM's W4A8 kernels read packed words: ``_is_fp8_w4a8`` ->
 ``CompressedTensorsW4A8Fp8`` (``weight_packed`` int32, group 128, sm90) whatever the format, and
 ``_is_wNaM_int`` -> ``CompressedTensorsWNA8Int`` only for ``pack-quantized``. ``install_quant_linears``
 rebuilds them as ``QuantLinear`` with ``act_dtype`` (the format's ``empty_module``).
+
+W4A4 int4 (w4a4-int4; docs/w8a8.md, "W4A4 int4"): the same ``pack-quantized`` int4 tensors with
+``input_activations`` 4-bit int, dynamic, per token, symmetric (compressed-tensors 0.20.1's W4A4
+preset). vLLM main's ``_is_wNaM_int`` with ``input_quant.num_bits == 4`` picks
+``CompressedTensorsWNA4Int`` (Humming kernels; read, not run here).
 """
 
 from __future__ import annotations
@@ -112,29 +117,40 @@ def quantization_config(model: nn.Module) -> dict[str, Any] | None:
     """The ``quantization_config`` describing the packed modules of ``model`` and its fp8 KV
     cache (None if neither)."""
     kv = kv_cache_scheme(model)
-    # Modules whose config groups read the same share one group (a format's layers with and without
-    # a narrower last group do: compressed-tensors does not record partial groups).
-    by_group: dict[str, tuple[dict[str, Any], list[str]]] = {}
+    packed: list[tuple[str, dict[str, Any]]] = []
     dense_linears: list[str] = list(router_names(model))       # MoE routers are never quantized
-    model_type = getattr(getattr(model, "config", None), "model_type", "")
     for name, module in model.named_modules():
         if name in dense_linears:
             continue
         if getattr(module, "sparse_layout", False):
             dense_linears.append(name)         # our compact 2:4 layout: compress_sparsity describes it
         elif isinstance(module, PackedLinear):
-            group = config_group(module)
-            by_group.setdefault(json.dumps(group, sort_keys=True), (group, []))[1].append(name)
+            packed.append((name, config_group(module)))
         elif isinstance(module, nn.Linear):
             dense_linears.append(name)
+    model_type = getattr(getattr(model, "config", None), "model_type", "")
+    # Names as the checkpoint spells them (Mixtral's experts live under block_sparse_moe there).
+    return assemble_quantization_config([(to_checkpoint_name(model_type, n), g) for n, g in packed],
+                                        [to_checkpoint_name(model_type, n) for n in dense_linears], model_type, kv)
+
+
+def assemble_quantization_config(packed: list[tuple[str, dict[str, Any]]], dense_linears: list[str],
+                                 model_type: str, kv: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The ``quantization_config`` of a checkpoint whose quantized modules are ``packed`` ((checkpoint
+    name, ``config_group``) in module order) and whose dense linears are ``dense_linears``
+    (checkpoint names), with ``kv`` as its ``kv_cache_scheme``; None when there is neither. Written
+    once for the model-based export and the model-free path (``model_free.py``), which has no model."""
+    # Modules whose config groups read the same share one group (a format's layers with and without
+    # a narrower last group do: compressed-tensors does not record partial groups).
+    by_group: dict[str, tuple[dict[str, Any], list[str]]] = {}
+    for name, group in packed:
+        by_group.setdefault(json.dumps(group, sort_keys=True), (group, []))[1].append(name)
     if not by_group and kv is None:
         return None
     groups = {}
-    # Names as the checkpoint spells them (Mixtral's experts live under block_sparse_moe there).
-    dense_linears = [to_checkpoint_name(model_type, n) for n in dense_linears]
     for i, (group, names) in enumerate(by_group.values()):
         # One group: target the class; several: each group names its modules exactly.
-        targets = ["Linear"] if len(by_group) == 1 else sorted(to_checkpoint_name(model_type, n) for n in names)
+        targets = ["Linear"] if len(by_group) == 1 else sorted(names)
         groups[f"group_{i}"] = {**group, "targets": targets}
     formats = {group["format"] for group, _ in by_group.values()} or {"dense"}
     return {
@@ -142,7 +158,7 @@ def quantization_config(model: nn.Module) -> dict[str, Any] | None:
         "config_groups": groups,
         "format": formats.pop() if len(formats) == 1 else "mixed-precision",
         "global_compression_ratio": None,
-        "ignore": sorted(dense_linears) if by_group else [],
+        "ignore": sorted(set(dense_linears)) if by_group else [],
         "kv_cache_scheme": kv,
         "quant_method": QUANT_METHOD,
         "quantization_status": "compressed",

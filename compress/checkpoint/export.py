@@ -105,6 +105,7 @@ def _export(model: nn.Module, tokenizer, path, overwrite: bool, max_shard_bytes:
     path.parent.mkdir(parents=True, exist_ok=True)
     _warn_partial_groups(model)
     _warn_fp8_blocks(model)
+    _warn_int4_activations(model)
     check_exportable(model)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
@@ -207,3 +208,16 @@ def _warn_fp8_blocks(model: nn.Module) -> None:
                     "of 128 (%s, ...: %d): vLLM refuses them (validate_fp8_block_shape); compress and "
                     "transformers load this checkpoint. Use scheme fp8 for vLLM", len(fused_rows),
                     ", ".join(fused_rows[:3]), model.get_submodule(fused_rows[0]).out_features)
+
+
+def _warn_int4_activations(model: nn.Module) -> None:
+    """W4A4 int4 layers (act_dtype "int4"): transformers + compressed-tensors 0.20.1 load the checkpoint
+    but round activations with scale max|x| / 7.5 (its ``calculate_qparams``: half the code range
+    [-8, 7]) where compress, like QuaRot, uses max|x| / 7; at 4 bits that changes the outputs by about
+    as much as the activation rounding itself (docs/w8a8.md, "W4A4 int4")."""
+    int4 = [n for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.act_dtype == "int4"]
+    if int4:
+        log.warning("%d W4A4 int4 layers (%s, ...): compress reloads this checkpoint exactly; transformers + "
+                    "compressed-tensors load it but scale int4 activations by max|x| / 7.5 instead of "
+                    "max|x| / 7, so their outputs differ (see docs/w8a8.md, 'W4A4 int4'); vLLM's "
+                    "CompressedTensorsWNA4Int reads this layout (not run here)", len(int4), int4[0])

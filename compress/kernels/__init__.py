@@ -9,7 +9,7 @@ code, and a dispatcher that picks between them (``auto | torch | triton``).
   token over a quantized KV cache (KIVI int8/4/2 or FP8) plus its full-precision window
 - ``sparse24_linear.py`` / ``sparse24_linear_triton.py``  y = x @ W^T + b for a 2:4 sparse weight in the
   compact layout (kept values or int4 codes + 2-bit positions): layout functions, reference, kernel
-- ``act_quant.py`` / ``act_quant_triton.py``  FP8 / INT8 activation quantization (per token, per 1 x g
+- ``act_quant.py`` / ``act_quant_triton.py``  FP8 / INT8 / INT4 activation quantization (per token, per 1 x g
   group, static per tensor): reference, dispatch, the fused amax + scale + cast kernel
 - ``w8a8_linear.py`` / ``w8a8_linear_triton.py``  the W8A8 linear (FP8 E4M3 or INT8 weights and
   activations): reference, dispatch to torch._scaled_mm / torch._int_mm, the Triton scaled GEMM

@@ -72,8 +72,8 @@ class IntWeightConfig(MethodConfig):
                     "w4a4-int4" (W4A4 int4, QuaRot's format: the same int4 weights, use group_size
                     null for QuaRot's per-channel scales; activations rounded to INT4 symmetric
                     per token, scale max|x| / 7: compressed-tensors' W4A4 preset). Run it after a
-                    rotation pass (RotationConfig): without one, per-token int4 activations lose
-                    most of the model on this repo's example (docs/w8a8.md, "W4A4 int4").
+                    rotation pass (RotationConfig): on SmolLM2-135M GPTQ W4A4 gives perplexity 6913
+                    without one and 51.5 with it, float 25.6 (docs/w8a8.md, "W4A4 int4").
     overrides:      per-module formats: {pattern: {field: value}}, patterns as in ``ignore``, fields
                     among bits, group_size, symmetric, observer, scheme, partial_groups. The first
                     pattern (in mapping order) that matches a module gives its format: this config

@@ -104,11 +104,11 @@ def test_configs_that_make_no_w4a8_are_refused(scheme, kw, match):
 
 
 def test_fields_in_between_are_refused():
-    with pytest.raises(ConfigError, match="not a W8A8 format compress runs \\(nor a W4A8 one\\)"):
+    with pytest.raises(ConfigError, match="not a W8A8 format compress runs \\(nor a W4A8 or W4A4 one\\)"):
         WeightFormat("int", 4, 64, act_quant=True, act_strategy="tensor", act_dtype="int8")
-    with pytest.raises(ConfigError, match="not a W8A8 format compress runs \\(nor a W4A8 one\\)"):
+    with pytest.raises(ConfigError, match="not a W8A8 format compress runs \\(nor a W4A8 or W4A4 one\\)"):
         WeightFormat("int", 8, None, act_quant=True, act_strategy="token", act_dtype="int8")
-    with pytest.raises(ConfigError, match="not a W8A8 format compress runs \\(nor a W4A8 one\\)"):
+    with pytest.raises(ConfigError, match="not a W8A8 format compress runs \\(nor a W4A8 or W4A4 one\\)"):
         WeightFormat("int", 4, 64, act_quant=True, act_strategy="token", act_dtype="nvfp4")
     with pytest.raises(ConfigError, match="unknown weight format"):
         WeightFormat.parse("w4a8-int4-g64")
@@ -252,10 +252,10 @@ def _group(edit):
 
 @pytest.mark.parametrize("edit,match", [
     (_group(lambda g: g["input_activations"].update(strategy="tensor", dynamic=False)), "dynamic per token"),
-    (_group(lambda g: g["input_activations"].update(num_bits=4)), "dynamic per token"),
+    (_group(lambda g: g["input_activations"].update(num_bits=6)), "dynamic per token"),   # 4: W4A4 (test_w4a4)
     (_group(lambda g: g["weights"].update(num_bits=8)), "int4 symmetric weights"),
     (lambda qc: [g.update(format="int-quantized") for g in [*qc["config_groups"].values(), qc]],
-     "stores W4A8 codes unpacked.*pack-quantized"),
+     "stores W4A8/W4A4 codes unpacked.*pack-quantized"),
 ])
 def test_other_w4a8_variants_are_refused_naming_the_group(tmp_path, edit, match):
     export(_quantized("rtn", "w4a8-int8"), None, tmp_path / "ck")
