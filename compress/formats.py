@@ -56,7 +56,7 @@ stays the weight-only format; ``w8a8-int8`` is ``int8`` with ``act_quant``. The 
 "fp8", the activation codes; W8A8 activations follow their weights' kind and leave it None); W4A4
 int4 is the same with ``act_dtype`` "int4" (``int4_act`` covers both). They keep the weight-only
 storage (QuantLinear's packed int32 words, compressed-tensors ``pack-quantized``), which rounds its
-inputs itself. The scheme tables are in ``compress.quant.act_schemes``.
+inputs itself. The scheme tables are in ``compress.act_schemes``.
 
 Not part of a format: the observer (how a solver chose the scales) and GPTQ's ``actorder``. They do
 not change what the stored numbers mean, so layers solved differently still share a format (the
@@ -83,7 +83,7 @@ from torch import nn
 from .errors import CheckpointError, ConfigError
 from .kernels.fp4_linear import BLOCK
 # The activation-scheme tables; W4A8_SCHEMES, W8A8_SCHEMES, W8A8_BLOCK are re-exported (public names).
-from .quant.act_schemes import (ACT_BITS, INT4_ACT_RE, INT4_ACT_SCHEMES, INT4_ACT_TABLE,  # noqa: F401
+from .act_schemes import (ACT_BITS, INT4_ACT_RE, INT4_ACT_SCHEMES, INT4_ACT_TABLE,  # noqa: F401
                                 W4A4_SCHEMES, W4A8_SCHEMES, W8A8_BLOCK, W8A8_SCHEMES, W8A8_TABLE)
 
 KINDS = ("dense", "int", "nvfp4", "mxfp4", "fp8")
