@@ -17,6 +17,7 @@ from .api import apply, distill, prune, quantize  # noqa: E402
 from .bench import BenchResult, BenchSettings, benchmark  # noqa: E402
 from .checkpoint.export import export  # noqa: E402
 from .checkpoint.inspect import inspect_checkpoint  # noqa: E402
+from .checkpoint.model_free import quantize_model_free  # noqa: E402
 from .configs import config_from_dict, registered_methods  # noqa: E402
 from .distillation.config import DistillConfig  # noqa: E402
 from .distillation.teacher import TeacherTargets, compute_targets  # noqa: E402
@@ -37,7 +38,7 @@ from .rotation.config import RotationConfig  # noqa: E402
 from .smoothing.config import AWQConfig, SmoothQuantConfig  # noqa: E402
 
 __all__ = [
-    "__version__", "apply", "prune", "quantize", "distill", "DistillConfig", "TeacherTargets", "compute_targets", "MagnitudeConfig", "WandaConfig", "SparseGPTConfig", "StructuredConfig", "LoRAConfig", "export", "inspect_checkpoint", "config_from_dict", "registered_methods",
+    "__version__", "apply", "prune", "quantize", "distill", "DistillConfig", "TeacherTargets", "compute_targets", "MagnitudeConfig", "WandaConfig", "SparseGPTConfig", "StructuredConfig", "LoRAConfig", "export", "quantize_model_free", "inspect_checkpoint", "config_from_dict", "registered_methods",
     "CalibrationData", "calibration_data", "evaluate", "generate", "EvalResult", "load_model", "GPTQConfig",
     "RTNConfig", "SmoothQuantConfig", "AWQConfig", "RotationConfig", "QuantLinear", "KVCacheConfig", "QuantizedKVCache", "kv_cache", "generation_agreement",
     "AgreementResult", "set_backend", "benchmark", "BenchSettings", "BenchResult", "CompressError",
