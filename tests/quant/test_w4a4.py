@@ -22,6 +22,7 @@ from compress.quant.config import GPTQConfig, RTNConfig
 from compress.quant.linear import QuantLinear
 from compress.rotation import RotationConfig
 from conftest import tiny_model
+from test_w4a8 import _group, _rewrite  # the same config.json edits as W4A8's refusal tests
 from test_families import IDS, build
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -268,17 +269,6 @@ def test_transformers_rounds_with_its_own_scale(tmp_path):
     # here, against 0.14 from the float model): a different model, not a rounding difference.
     ours, dense = _logits(model), _logits(tiny_model("llama"))
     assert 1e-3 < _rel(theirs, ours) < 0.25 and _rel(theirs, dense) > 1e-2
-
-
-def _rewrite(path, edit) -> None:
-    config_path = path / "config.json"
-    config = json.loads(config_path.read_text())
-    edit(config["quantization_config"])
-    config_path.write_text(json.dumps(config))
-
-
-def _group(edit):
-    return lambda qc: edit(qc["config_groups"]["group_0"])
 
 
 @pytest.mark.parametrize("edit,match", [
