@@ -35,11 +35,13 @@ back to each linear).
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 from torch import nn
@@ -54,6 +56,42 @@ log = logging.getLogger(__name__)
 
 # Activation memory the engine may use per forward chunk before it splits the samples.
 DEFAULT_CHUNK_BYTES = 4 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineContext:
+    """How the engine runs, set around any method call with ``engine_context`` rather than passed
+    through every method's signature.
+
+    ``layer_scope(index, prefix, layer)``: a context manager the walk enters around each decoder
+    layer's whole turn (prepare, observe, solve, finalize); streaming compression uses it to load the
+    layer's weights from the checkpoint on entry and to write the finished layer out and free it on
+    exit. ``parallel``: data-parallel calibration across torch.distributed ranks (compress.distributed)."""
+
+    layer_scope: Callable[[int, str, nn.Module], ContextManager] | None = None
+    parallel: Any = None
+
+
+_CONTEXT: contextvars.ContextVar[EngineContext] = contextvars.ContextVar("compress_engine", default=EngineContext())
+
+
+def current_context() -> EngineContext:
+    return _CONTEXT.get()
+
+
+@contextlib.contextmanager
+def engine_context(**changes) -> Iterator[EngineContext]:
+    """Run the enclosed method calls with the engine context's fields ``changes`` replaced."""
+    token = _CONTEXT.set(dataclasses.replace(_CONTEXT.get(), **changes))
+    try:
+        yield _CONTEXT.get()
+    finally:
+        _CONTEXT.reset(token)
+
+
+def _layer_scope(index: int, prefix: str, layer: nn.Module) -> ContextManager:
+    scope = _CONTEXT.get().layer_scope
+    return scope(index, prefix, layer) if scope is not None else contextlib.nullcontext()
 
 
 class _StopForward(Exception):
@@ -176,7 +214,7 @@ def _walk_without_data(model: nn.Module, method: LayerMethod, device: torch.devi
     layers_name, layers = find_decoder_layers(model)
     for i, layer in enumerate(tqdm(layers, desc=f"{method.name} layers", unit="layer", disable=not progress)):
         prefix = f"{layers_name}.{i}."
-        with onloaded(layer, device):
+        with _layer_scope(i, prefix, layer), onloaded(layer, device):
             prepare = getattr(method, "prepare_layer", None)
             if prepare is not None:
                 prepare(layer, prefix, None)
@@ -249,7 +287,7 @@ def run_layerwise(model: nn.Module, calib, method: LayerMethod, *, device: torch
         for i in bar:
             layer = layers[i]
             prefix = f"{layers_name}.{i}."
-            with onloaded(layer, device):
+            with _layer_scope(i, prefix, layer), onloaded(layer, device):
                 prepare = getattr(method, "prepare_layer", None)     # optional for duck-typed methods
                 if prepare is not None:
                     prepare(layer, prefix, LayerInputs(layer, chunks))
@@ -474,5 +512,5 @@ def expert_waves(groups: list[list[str]], targets: dict[str, nn.Module], prefix:
     return waves
 
 
-__all__ = ["Records", "compress_layers", "run_layerwise", "capture_layer_inputs", "trace_groups", "LayerMethod", "LayerInputs",
+__all__ = ["EngineContext", "engine_context", "current_context", "Records", "compress_layers", "run_layerwise", "capture_layer_inputs", "trace_groups", "LayerMethod", "LayerInputs",
            "select_linears", "write_rows", "module_device"]
