@@ -38,6 +38,7 @@ from .evaluation import evaluate
 from .guards import check_device
 from .kernels.dequant_linear import check_backend
 from .loading import load_model
+from .memory import PeakMemory
 from .report import Report, StageRow, summarize
 from .runtime import set_backend
 from .distillation.teacher import compute_targets
@@ -203,9 +204,10 @@ def run_recipe(recipe: Recipe, *, output: str | Path | None = None, overwrite: b
 
     start = time.perf_counter()
     source = recipe.path(recipe.model) if resumed is None else resumed.checkpoint
-    model, tok = load_model(source, dtype=recipe.dtype, backend=recipe.backend)
+    with PeakMemory() as peak:
+        model, tok = load_model(source, dtype=recipe.dtype, backend=recipe.backend)
     if resumed is None:
-        row = report.add(StageRow("load", time.perf_counter() - start, **summarize(model)))
+        row = report.add(StageRow("load", time.perf_counter() - start, **summarize(model), **_peaks(peak)))
         if recipe.evaluation and recipe.evaluation.baseline:
             row.perplexity = _evaluate(model, tok, recipe, progress, row, echo)
         echo(f"[load] {recipe.model}: {row.parameters / 1e6:.1f}M parameters, {row.seconds:.1f} s"
@@ -241,9 +243,10 @@ def _run_pass(i: int, cfg: MethodConfig, model, tok, recipe: Recipe, teachers: d
         options["state_path"] = work.train_state_path(i)
     if "teacher" in takes:
         options["teacher"] = teachers.get(i) or _teacher_model(recipe)
-    records = apply(model, cfg, calib, device=recipe.device,
-                    batch_size=recipe.calibration.batch_size if recipe.calibration else None, progress=progress,
-                    **options)
+    with PeakMemory() as peak:
+        records = apply(model, cfg, calib, device=recipe.device,
+                        batch_size=recipe.calibration.batch_size if recipe.calibration else None, progress=progress,
+                        **options)
     set_backend(model, recipe.backend)       # the packed layers this pass created
     detail = {"config": cfg.to_dict()}
     if hasattr(records, "to_dict"):              # e.g. LoRA retraining: steps, tokens, losses
@@ -251,7 +254,8 @@ def _run_pass(i: int, cfg: MethodConfig, model, tok, recipe: Recipe, teachers: d
     else:
         detail["modules"] = len(records or {})
         detail.update(getattr(records, "summary", None) or {})      # e.g. tokens per MoE expert
-    row = report.add(StageRow(_stage_name(cfg), time.perf_counter() - start, **summarize(model), detail=detail))
+    row = report.add(StageRow(_stage_name(cfg), time.perf_counter() - start, **summarize(model), **_peaks(peak),
+                              detail=detail))
     if work is not None:
         row.disk_bytes = work.checkpoint(model, tok, i)
     if recipe.evaluation:
@@ -261,17 +265,22 @@ def _run_pass(i: int, cfg: MethodConfig, model, tok, recipe: Recipe, teachers: d
     echo(f"[{row.name}] {row.seconds:.1f} s" + (f", perplexity {row.perplexity:.3f}" if row.perplexity else ""))
 
 
+def _peaks(peak: PeakMemory) -> dict:
+    return {"peak_host_bytes": peak.host_bytes, "peak_device_bytes": peak.device_bytes}
+
+
 def _export(model, tok, out_dir: Path, recipe: Recipe, overwrite: bool | None, progress: bool, report: Report,
             echo) -> Path:
     """Write the checkpoint (and, with ``verify``, reload and measure it again); add their rows."""
     start = time.perf_counter()
     ow = overwrite if overwrite is not None else (recipe.export.overwrite if recipe.export else False)
     layout = recipe.export.layout if recipe.export else "dense"
-    path = export(model, tok, out_dir, overwrite=ow, layout=layout)
+    with PeakMemory() as peak:
+        path = export(model, tok, out_dir, overwrite=ow, layout=layout)
     last = report.rows[-1]
     row = report.add(StageRow("export", time.perf_counter() - start, bytes=last.bytes, disk_bytes=weights_bytes(path),
                               parameters=last.parameters, sparsity=last.sparsity,
-                              bits=last.bits, bits_per_weight=last.bits_per_weight,
+                              bits=last.bits, bits_per_weight=last.bits_per_weight, **_peaks(peak),
                               detail={"path": str(path), "layout": layout}))
     echo(f"[export] {path} ({row.disk_bytes / 2**20:.1f} MiB)")
     planned = ((recipe.plan or {}).get("prediction") or {}).get("checkpoint_bytes")
@@ -283,8 +292,9 @@ def _export(model, tok, out_dir: Path, recipe: Recipe, overwrite: bool | None, p
                 if budget and not (recipe.plan.get("target") or {}).get("context") else ""))
     if recipe.export and recipe.export.verify:
         start = time.perf_counter()
-        reloaded, tok2 = load_model(path, backend=recipe.backend)
-        row = report.add(StageRow("reload", time.perf_counter() - start, **summarize(reloaded)))
+        with PeakMemory() as peak:
+            reloaded, tok2 = load_model(path, backend=recipe.backend)
+        row = report.add(StageRow("reload", time.perf_counter() - start, **summarize(reloaded), **_peaks(peak)))
         if recipe.evaluation:
             row.perplexity = _evaluate(reloaded, tok2, recipe, progress, row, echo)
         echo(f"[reload] {row.seconds:.1f} s" + (f", perplexity {row.perplexity:.3f}" if row.perplexity else ""))

@@ -4,7 +4,8 @@ Every stage row has the same columns, so later passes (pruning, distillation) on
 perplexity (when the recipe evaluates), bytes (tensor bytes as a checkpoint would store them;
 the export row gives the real size on disk), parameters, sparsity (fraction of exactly-zero
 weights in the decoder linears, as the model computes with them), bits (nominal weight bits of the
-decoder linears) and bits_per_weight (codes plus scales and zero points, per linear weight).
+decoder linears), bits_per_weight (codes plus scales and zero points, per linear weight) and the
+peak host (resident set) and GPU memory of the stage's own work (not its evaluation; memory.py).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ class StageRow:
     bits: str | None = None
     bits_per_weight: float | None = None
     disk_bytes: int | None = None       # the stage's checkpoint on disk (recipes with an export write one)
+    peak_host_bytes: int | None = None  # resident-set peak of the process during the stage's work (memory.py)
+    peak_device_bytes: int | None = None    # GPU bytes held by tensors at the stage's peak (None without a GPU)
     detail: dict = dataclasses.field(default_factory=dict)
 
 
@@ -121,15 +124,18 @@ class Report:
     def table(self) -> str:
         w = max([22] + [len(r.name) + 2 for r in self.rows])
         bw = max([16] + [len(r.bits or "") + 2 for r in self.rows])      # a per-layer mix lists every format
+        gpu = any(r.peak_device_bytes is not None for r in self.rows)
         head = f"{'stage':<{w}}{'perplexity':>11}{'size MiB':>10}{'params':>10}{'sparsity':>10}" \
-               f"{'bits':>{bw}}{'bits/w':>8}{'seconds':>9}"
+               f"{'bits':>{bw}}{'bits/w':>8}{'seconds':>9}{'peak RSS MiB':>14}" + (f"{'peak GPU MiB':>14}" if gpu else "")
         lines = [head, "-" * len(head)]
         for r in self.rows:
             lines.append(
                 f"{r.name:<{w}}{_fmt(r.perplexity, '.3f'):>11}{_fmt(_size(r) and _size(r) / 2**20, '.1f'):>10}"
                 f"{_fmt(r.parameters and r.parameters / 1e6, '.1f', 'M'):>10}"
                 f"{_fmt(r.sparsity and 100 * r.sparsity, '.2f', '%'):>10}{r.bits or '-':>{bw}}"
-                f"{_fmt(r.bits_per_weight, '.2f'):>8}{r.seconds:>9.1f}")
+                f"{_fmt(r.bits_per_weight, '.2f'):>8}{r.seconds:>9.1f}"
+                f"{_fmt(r.peak_host_bytes and r.peak_host_bytes / 2**20, '.0f'):>14}"
+                + (f"{_fmt(r.peak_device_bytes and r.peak_device_bytes / 2**20, '.0f'):>14}" if gpu else ""))
         return "\n".join(lines)
 
 
