@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch.distributed as dist
 import yaml
 
 from .version import __version__
@@ -35,6 +36,8 @@ from .guards import check_device
 from .kv.config import KV_SCHEMES, KVCacheConfig
 from .recipe import CalibrationSection, EvaluationSection, ExportSection, Recipe, load_recipe, run_recipe
 from .workdir import work_path
+from .distributed import init_from_env, launched_world, spawn
+from .engine import engine_context
 
 log = logging.getLogger("compress")
 
@@ -133,6 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     _kv_arguments(q, eval_flags=False)
     q.add_argument("--output", "-o", required=True)
     q.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --output")
+    _parallel_arguments(q)
 
     _prune_parser(sub)
 
@@ -157,6 +161,7 @@ def _parser() -> argparse.ArgumentParser:
                    help=_BACKEND_HELP + " (overrides the recipe's backend)")
     r.add_argument("--restart", action="store_true",
                    help="ignore the work directory of an interrupted run (OUTPUT.work) and start from the first pass")
+    _parallel_arguments(r)
 
     _bench_parser(sub)
     add_plan_parser(sub)
@@ -166,6 +171,16 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.add_argument("--json", action="store_true")
     return p
+
+
+def _parallel_arguments(parser) -> None:
+    g = parser.add_argument_group("data-parallel calibration (docs/distributed.md)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="spread the calibration samples over N local processes (torch.distributed: gloo on CPU, NCCL "
+                        "on GPUs, one GPU each); the checkpoint equals --workers 1 bit for bit. Under torchrun, omit it")
+    g.add_argument("--shards", type=int, default=None,
+                   help="calibration shards of the fixed reduction layout (default: a multiple of 8 and of the "
+                        "workers); any worker count dividing it gives the same checkpoint")
 
 
 def _prune_parser(sub) -> None:
@@ -208,6 +223,7 @@ def _prune_parser(sub) -> None:
                    help="dense: zeros kept, loads anywhere; compact: our 2:4 layout (values + 2-bit positions)")
     p.add_argument("--output", "-o", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --output")
+    _parallel_arguments(p)
 
 
 def _prune_passes(args) -> list:
@@ -312,15 +328,36 @@ def _bench_parser(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    parallel = getattr(args, "workers", None) is not None or launched_world() > 1
+    if getattr(args, "workers", None) is not None and launched_world() == 1 and args.workers != 1:
+        try:
+            if args.workers < 1:
+                raise ConfigError(f"--workers {args.workers}: pass at least 1")
+            return spawn(_without_workers(argv), args.workers, args.shards)
+        except CompressError as exc:
+            print(f"compress {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+    rank = int(os.environ.get("RANK", "0")) if launched_world() > 1 else 0
+    if rank:                                   # another rank: rank 0 speaks for the run
+        args.quiet = True
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+                        format=(f"[rank {rank}] " if launched_world() > 1 else "") + "%(levelname)s %(name)s: %(message)s")
     out, before = None, None
     try:
         out = _output_dir(args)
         before = _snapshot(out)
         _check_arguments(args)
-        return _COMMANDS[args.command](args)
+        if not parallel:
+            return _COMMANDS[args.command](args)
+        dp = init_from_env(args.shards)
+        try:
+            with engine_context(parallel=dp):
+                return _COMMANDS[args.command](args)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
     except CompressError as exc:
         print(f"compress {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -329,6 +366,19 @@ def main(argv: list[str] | None = None) -> int:
         # output as it was; say so in one line instead of a traceback. 130 = 128 + SIGINT, as shells do.
         print(f"compress {args.command}: {_interrupted(out, before)}", file=sys.stderr)
         return 130
+
+
+def _without_workers(argv: list[str]) -> list[str]:
+    """``argv`` less its ``--workers N`` / ``--workers=N`` (what each spawned rank runs)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--workers":
+            skip = True
+        elif not a.startswith("--workers="):
+            out.append(a)
+    return out
 
 
 # Flags that count something and must be at least 1, with what to do instead.

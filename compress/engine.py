@@ -278,6 +278,12 @@ def run_layerwise(model: nn.Module, calib, method: LayerMethod, *, device: torch
     check_seqlen(model, calib.seqlen)
     if batch_size is None:
         batch_size = _auto_batch_size(model, calib.samples, calib.seqlen)
+    parallel = _CONTEXT.get().parallel
+    if parallel is not None:
+        from .engine_parallel import run_layerwise_parallel     # the data-parallel walk (compress.distributed)
+        run_layerwise_parallel(model, calib, method, parallel, device=device, batch_size=batch_size,
+                               progress=progress)
+        return
     start = time.perf_counter()
     with torch.no_grad():
         chunks = capture_layer_inputs(model, layers, input_ids, batch_size, device)
@@ -446,28 +452,35 @@ def _solve_group_by_group(layer, chunks: list[Chunk], groups, targets, method: L
     MoE block are observed together, a bounded number of Hessians at a time; any other group alone,
     its forward stopped once it has its input), then the wave's groups are solved."""
     for wave in expert_waves(groups, targets, prefix):
-        stats = [method.new_stats(targets[group[0]]) for group in wave]
-        alone = len(wave) == 1
-
-        def observe(module, args, kwargs, i):
-            stats[i].add(_input_of(args, kwargs))
-            if alone:
-                raise _StopForward
-
-        handles = [targets[group[0]].register_forward_pre_hook(
-            lambda m, a, k, i=i: observe(m, a, k, i), with_kwargs=True) for i, group in enumerate(wave)]
-        try:
-            for chunk in chunks:
-                try:
-                    _run_layer(layer, chunk)
-                except _StopForward:
-                    pass
-        finally:
-            for h in handles:
-                h.remove()
+        stats = _observe_wave(layer, chunks, wave, targets, method)
         for group, group_stats in zip(wave, stats):
             method.solve([prefix + n for n in group], [targets[n] for n in group], group_stats)
         del stats
+
+
+def _observe_wave(layer, chunks: list[Chunk], wave: list[list[str]], targets, method: LayerMethod) -> list:
+    """One pass over ``chunks`` feeding each group of ``wave`` its input; a lone group's forward stops
+    as soon as it has it. Returns the groups' statistics, in order."""
+    stats = [method.new_stats(targets[group[0]]) for group in wave]
+    alone = len(wave) == 1
+
+    def observe(module, args, kwargs, i):
+        stats[i].add(_input_of(args, kwargs))
+        if alone:
+            raise _StopForward
+
+    handles = [targets[group[0]].register_forward_pre_hook(
+        lambda m, a, k, i=i: observe(m, a, k, i), with_kwargs=True) for i, group in enumerate(wave)]
+    try:
+        for chunk in chunks:
+            try:
+                _run_layer(layer, chunk)
+            except _StopForward:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
 
 
 # Float statistics (Hessians) one wave of expert groups may hold at once in the chunked path.

@@ -244,6 +244,8 @@ def router_names(model: nn.Module) -> list[str]:
 
 # --- calibration -------------------------------------------------------------------------------
 class _RoutingCounter:
+    REDUCE = {"counts": "sum"}
+
     def __init__(self, num_experts: int):
         self.counts = torch.zeros(num_experts, dtype=torch.long)
 

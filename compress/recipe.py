@@ -42,7 +42,8 @@ from .memory import PeakMemory
 from .report import Report, StageRow, summarize
 from .runtime import set_backend
 from .distillation.teacher import compute_targets
-from .engine import default_device
+from .distributed import rank_device
+from .engine import current_context, default_device
 from .workdir import WorkDir
 
 log = logging.getLogger(__name__)
@@ -195,6 +196,14 @@ def run_recipe(recipe: Recipe, *, output: str | Path | None = None, overwrite: b
     (``resume=False``: start from the beginning). The work directory goes once the export is written.
     """
     check_device(recipe.device)             # before loading: a device this machine lacks fails in one line
+    parallel = current_context().parallel
+    if parallel is not None:
+        # Data-parallel calibration: every rank runs the passes in step on its own device; rank 0 alone
+        # evaluates, writes the work directory, the export and the report.
+        recipe = dataclasses.replace(recipe, device=rank_device(recipe.device))
+        if not parallel.is_main:
+            recipe = dataclasses.replace(recipe, evaluation=None, export=None)
+            output, progress, echo = None, False, (lambda *a, **k: None)
     report = Report(meta={"recipe": recipe.to_dict(), "compress_version": __version__})
     out_dir = Path(output) if output is not None else (recipe.path(recipe.export.output) if recipe.export else None)
     work = WorkDir.beside(out_dir, recipe) if out_dir is not None else None

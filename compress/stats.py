@@ -13,6 +13,8 @@ import torch
 class HessianStats:
     """H = (2 / n) * sum_t x_t x_t^T over all n calibration tokens, accumulated in float32."""
 
+    REDUCE = {"xtx": "sum", "tokens": "sum", "amax": "max"}     # how shards combine (compress.distributed)
+
     def __init__(self, in_features: int, device: torch.device | str = "cpu"):
         self.in_features = in_features
         self.xtx = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
@@ -44,6 +46,8 @@ class InputStats:
     """What round-to-nearest needs from a layer's inputs, without the (in x in) Hessian: the
     per-feature ``diag`` (2 * mean(x^2), equal to ``HessianStats.diag``) and ``amax`` (max |x|,
     the NVFP4 W4A4 input scale)."""
+
+    REDUCE = {"sumsq": "sum", "tokens": "sum", "amax": "max"}
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu"):
         self.in_features = in_features

@@ -211,6 +211,8 @@ class _ProbeStats(HessianStats):
     """The Hessian, plus per input channel the summed squared activation rounding error of each
     activation scheme ``acts`` ((codes, strategy) pairs of ``_act_key``)."""
 
+    REDUCE = {**HessianStats.REDUCE, "act_sq": "sum"}
+
     def __init__(self, in_features: int, acts: list[tuple[str, str]], device):
         super().__init__(in_features, device=device)
         self.act_sq = {a: torch.zeros(in_features, dtype=torch.float32, device=device) for a in acts}

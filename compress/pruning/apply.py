@@ -141,6 +141,17 @@ class Pruner(LayerMethod):
             if fallback:
                 log.warning("%s: %s", name, fallback)
 
+    def solve_state(self, names: list[str]) -> dict:
+        """The records (and joint quantization results) of the solve of ``names`` besides their weights,
+        broadcast by data-parallel calibration from the rank that solved them."""
+        return {n: (self.records[n], self._quant.get(n)) for n in names}
+
+    def load_solve_state(self, state: dict) -> None:
+        for name, (record, quant) in state.items():
+            self.records[name] = record
+            if quant is not None:
+                self._quant[name] = quant
+
     def finalize(self, root: nn.Module, prefix: str, names: list[str]) -> None:
         """Joint SparseGPT + quantization: swap the solved linears for packed QuantLinear."""
         if set_route_all(root, False):

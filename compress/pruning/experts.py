@@ -71,6 +71,8 @@ class ExpertPruneRecord:
 class _RouterMass:
     """Per expert: how often it is chosen, and the routing weight it receives."""
 
+    REDUCE = {"count": "sum", "weight": "sum", "tokens": "sum"}
+
     def __init__(self, num_experts: int):
         self.count = torch.zeros(num_experts, dtype=torch.float64)
         self.weight = torch.zeros(num_experts, dtype=torch.float64)

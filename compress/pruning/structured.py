@@ -178,6 +178,8 @@ def _unit_columns(units: torch.Tensor, width: int) -> torch.Tensor:
 class AbsSumStats:
     """Per input feature of down_proj / fc2: the sum of |x| over the calibration tokens."""
 
+    REDUCE = {"abs_sum": "sum", "tokens": "sum"}
+
     def __init__(self, in_features: int, device: torch.device | str = "cpu"):
         self.in_features = in_features
         self.abs_sum = torch.zeros(in_features, dtype=torch.float32, device=device)
@@ -197,6 +199,7 @@ class UnitOutputStats:
     """Per unit u of o_proj's input (``width`` consecutive features: one head or one KV group): the sum
     over tokens of ||W_o[:, u] z_u||_2, the norm of what that unit adds to the attention output."""
 
+    REDUCE = {"norm_sum": "sum", "tokens": "sum"}
     # Elements of the (tokens, units, hidden) block of per-unit outputs held at once (64 MiB float32).
     BLOCK_ELEMENTS = 1 << 24
 

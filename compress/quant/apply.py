@@ -158,6 +158,17 @@ class IntWeightQuantizer(LayerMethod):
             self.records[name] = ModuleRecord(name, tuple(module.weight.shape), result.loss, result.damp,
                                               result.fallback)
 
+    def solve_state(self, names: list[str]) -> dict:
+        """What ``finalize`` needs of the solve of ``names`` besides their weights (data-parallel
+        calibration broadcasts it from the rank that solved them)."""
+        return {n: (self.records[n], self._results[n], self._input_amax.get(n)) for n in names}
+
+    def load_solve_state(self, state: dict) -> None:
+        for name, (record, result, amax) in state.items():
+            self.records[name], self._results[name] = record, result
+            if amax is not None:
+                self._input_amax[name] = amax
+
     def finalize(self, root: nn.Module, prefix: str, names: list[str]) -> None:
         """Swap the solved linears under ``root`` for packed QuantLinear / FP4Linear / W8A8Linear modules."""
         if set_route_all(root, False):
