@@ -111,3 +111,22 @@ def test_bad_worker_counts(base, text_file, tmp_path):
     run = _cli("quantize", base, "--group-size", 32, "--calib", text_file, "--calib-samples", 8, "--seqlen", 32,
                "--workers", 1, "--shards", 16, "--output", tmp_path / "o")
     assert run.returncode == 2 and "use at least 16 samples" in run.stderr
+
+
+@pytest.mark.slow
+def test_two_ranks_spread_an_moe_layers_expert_solves_and_equal_one_process(tmp_path, tokenizer, text_file):
+    """Experts of one block are solved in waves; the ranks take turns solving them and broadcast."""
+    from test_moe import tiny_moe
+    base = tmp_path / "moe"
+    tiny_moe("qwen3_moe").save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    outs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        run = _cli("quantize", base, "--method", "gptq", "--group-size", 16, "--calib", text_file,
+                   "--calib-samples", 8, "--seqlen", 32, "--batch-size", 2, "--workers", workers, "--output", out)
+        assert run.returncode == 0, run.stderr[-3000:]
+        outs[workers] = _tensors(out)
+    assert any(".experts." in n for n in outs[1])
+    for name in outs[1]:
+        assert torch.equal(outs[1][name], outs[2][name]), name
