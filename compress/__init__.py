@@ -20,6 +20,7 @@ from .checkpoint.inspect import inspect_checkpoint  # noqa: E402
 from .checkpoint.model_free import quantize_model_free  # noqa: E402
 from .configs import config_from_dict, registered_methods  # noqa: E402
 from .distillation.config import DistillConfig  # noqa: E402
+from .distributed import DataParallel, data_parallel  # noqa: E402
 from .distillation.teacher import TeacherTargets, compute_targets  # noqa: E402
 from .data import CalibrationData, calibration_data  # noqa: E402
 from .errors import (CheckpointError, CompressError, ConfigError, DataError, MissingPathError,  # noqa: E402
@@ -39,6 +40,7 @@ from .smoothing.config import AWQConfig, SmoothQuantConfig  # noqa: E402
 
 __all__ = [
     "__version__", "apply", "prune", "quantize", "distill", "DistillConfig", "TeacherTargets", "compute_targets", "MagnitudeConfig", "WandaConfig", "SparseGPTConfig", "StructuredConfig", "LoRAConfig", "export", "quantize_model_free", "inspect_checkpoint", "config_from_dict", "registered_methods",
+    "data_parallel", "DataParallel",
     "CalibrationData", "calibration_data", "evaluate", "generate", "EvalResult", "load_model", "GPTQConfig",
     "RTNConfig", "SmoothQuantConfig", "AWQConfig", "RotationConfig", "QuantLinear", "KVCacheConfig", "QuantizedKVCache", "kv_cache", "generation_agreement",
     "AgreementResult", "set_backend", "benchmark", "BenchSettings", "BenchResult", "CompressError",
