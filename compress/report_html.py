@@ -365,7 +365,9 @@ def _measured_ratio(stages: list[dict], load: dict | None) -> float | None:
 
 
 def _pareto_section(run: Run, sweep: str | os.PathLike | None) -> str:
-    file = Path(sweep) if sweep is not None else run.path / "sweep.json"
+    planned = (run.recipe.get("plan") or {}).get("sweep")        # written by `compress plan --sweep`
+    file = (Path(sweep) if sweep is not None else run.path / "sweep.json" if (run.path / "sweep.json").is_file()
+            else Path(planned) if planned else run.path / "sweep.json")
     if not file.is_file():
         if sweep is not None:
             raise MissingPathError(f"--sweep {file}: no such file")

@@ -32,7 +32,7 @@ from ..formats import WeightFormat
 from ..loading import load_model, resolve_dtype
 from .cost import ModelShape, model_shape
 from .devices import DeviceProfile, load_profile
-from .planner import Plan, Target, candidate_formats, make_plan, uniform_plan
+from .planner import Plan, Target, candidate_formats, checkpoint_size, make_plan, uniform_plan
 from .sensitivity import KV_OPTIONS, Sensitivity, measure_kv_sensitivity, measure_sensitivity
 
 log = logging.getLogger(__name__)
@@ -284,7 +284,29 @@ def add_plan_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--cache", help="sensitivity cache folder (default ~/.cache/compress/sensitivity)")
     p.add_argument("--output", "-o", required=True, help="recipe file to write")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    p.add_argument("--sweep", type=int, metavar="N", default=None,
+                   help="also plan at N checkpoint budgets from the smallest candidate's size to the dense model's "
+                        "(same speed target, same measured sensitivity) and write them to OUTPUT's stem + "
+                        ".sweep.json: the quality-vs-bytes Pareto frontier `compress report` draws")
     return p
+
+
+def sweep_plans(inputs: PlanInputs, target: Target, points: int) -> list[Plan]:
+    """Plans at ``points`` checkpoint budgets evenly spaced from the smallest uniform candidate's bytes
+    to the dense (bf16) model's, the speed target kept; infeasible budgets are left out. No new
+    measurement: the sensitivity ``inputs`` holds is reused."""
+    if points < 2:
+        raise ConfigError(f"--sweep {points}: a sweep needs at least 2 budgets")
+    sizes = [checkpoint_size(inputs.shape, f.name) for f in inputs.formats]
+    low, high = min(sizes), max(sizes + [checkpoint_size(inputs.shape, "bf16")])
+    plans = []
+    for i in range(points):
+        budget = int(low + (high - low) * i / (points - 1))
+        t = dataclasses.replace(target, memory_bytes=budget, context=None)
+        plan = make_plan(inputs.shape, inputs.sensitivity, inputs.profile, t, inputs.formats, None, inputs.kv_dloss)
+        if plan.feasible:
+            plans.append(plan)
+    return plans
 
 
 def baseline_formats(inputs: PlanInputs) -> list[WeightFormat]:
@@ -322,7 +344,17 @@ def run_plan(args) -> int:
     when = datetime.date.today().isoformat()
     header = (f"Written by `compress plan` on {when}; run it with: compress run {out}\n"
               + "\n".join(text.splitlines()[:12]))
+    if args.sweep is not None:
+        sweep = sweep_plans(inputs, target, args.sweep)
+        sweep_file = out.with_name(out.stem + ".sweep.json")
+        tmp = sweep_file.with_name(f".{sweep_file.name}.tmp")
+        tmp.write_text(json.dumps({"model": args.model, "device": inputs.profile.name,
+                                   "points": [_jsonable(p.to_dict()) for p in sweep]}, indent=1) + "\n")
+        os.replace(tmp, sweep_file)
+        recipe["plan"]["sweep"] = str(sweep_file.resolve())     # absolute: `compress report` finds it from the run
     write_recipe(out, recipe, header)
+    if args.sweep is not None and not args.json:
+        print(f"sweep: {len(sweep)} feasible plan(s) of {args.sweep} budgets written to {sweep_file}")
     if args.json:
         print(json.dumps({**plan.to_dict(), "recipe": str(out)}))
     else:

@@ -192,3 +192,22 @@ def test_relative_paths_in_the_written_recipe_work_from_any_directory(base, text
     monkeypatch.chdir(elsewhere)
     assert main(["-q", "run", str(tmp_path / "plans" / "p.yaml")]) == 0
     assert (tmp_path / "out" / "x" / "model.safetensors").is_file()
+
+
+def test_a_sweep_traces_a_monotone_frontier_and_the_report_finds_it(base, text_file, tmp_path, home):
+    """--sweep N: plans at N budgets from the smallest candidate to the dense size; more bytes never
+    predict more loss among the undominated plans, and `compress report` draws them from the recipe."""
+    recipe = tmp_path / "plan.yaml"
+    assert _plan(base, text_file, recipe, "--memory-mib", "0.2", "--sweep", "6") == 0
+    sweep_file = tmp_path / "plan.sweep.json"
+    points = json.loads(sweep_file.read_text())["points"]
+    assert 2 <= len(points) <= 6 and all(p["feasible"] for p in points)
+    sizes = [p["prediction"]["checkpoint_bytes"] for p in points]
+    losses = [p["predicted_dloss"] for p in points]
+    assert sizes == sorted(sizes) and len(set(sizes)) > 1
+    assert all(later <= earlier + 1e-12 for earlier, later in zip(losses, losses[1:]))   # a bigger budget never loses
+    assert yaml.safe_load(recipe.read_text())["plan"]["sweep"] == str(sweep_file.resolve())
+    from compress.report_html import Run, _pareto_section
+    run = Run(tmp_path / "nowhere", {"recipe": {"plan": {"sweep": str(sweep_file)}}, "stages": []})
+    assert "Pareto frontier" in _pareto_section(run, None)
+    assert _plan(base, text_file, tmp_path / "bad.yaml", "--memory-mib", "0.2", "--sweep", "1") == 2
