@@ -5,6 +5,8 @@
     python benchmarks/kv_cache.py --only int4-w128 int2-w128 --agreement
     python benchmarks/kv_cache.py --chunk 16              # chunked prefill instead of token-by-token
     python benchmarks/kv_cache.py --chunk 8 --rotate-values --only int2-w128 int2-w128-rot   # R2 first
+    python benchmarks/kv_cache.py --chunk 8 --agreement --only h2o-20 recent-20 h2o-20-int4-w0 \
+        --output benchmarks/results/kv-cache-smollm2-h2o.json                                  # H2O eviction
 
 For each cache setting: WikiText-2 test perplexity over the first 40 windows of 512 tokens, each
 window decoded through a fresh cache ``--chunk`` tokens per forward (1 = token by token, every
@@ -13,7 +15,9 @@ prediction attends to the quantized past as in generation); cache bytes per toke
 the fixed full-precision window is amortized; and, for the --agreement settings, greedy generation of
 --new-tokens tokens from --prompts WikiText-2 test prompts against the full-precision cache
 (teacher-forced top-1 agreement, free-running agreement, first divergence). FP8 scales are
-calibrated on 32 windows of 512 tokens of valid.txt. Prints a table, writes JSON.
+calibrated on 32 windows of 512 tokens of valid.txt. H2O settings (``h2o-*``, ``recent-*``) report
+the bytes held after one 512-token window per context token, measured (``H2OCache.memory``).
+Prints a table, writes JSON.
 """
 
 from __future__ import annotations
@@ -65,6 +69,16 @@ SETTINGS = {
                                                 scale_dtype="fp8", sink_tokens=4),
     "int2-w128-rot-sink4": KVCacheConfig("int2", residual_length=128, rotate_keys=True, sink_tokens=4),
     "int4-w128-sink4": KVCacheConfig("int4", residual_length=128, sink_tokens=4),
+    # H2O eviction (docs/kv-cache.md "H2O"): budget = a fraction of the tokens seen so far, half recent
+    # half heavy hitters; "recent-*" spends the whole budget on the most recent tokens (a sliding window)
+    "h2o-20": KVCacheConfig("none", h2o_budget=0.2),
+    "recent-20": KVCacheConfig("none", h2o_budget=0.2, h2o_recent=1.0),
+    "h2o-50": KVCacheConfig("none", h2o_budget=0.5),
+    "recent-50": KVCacheConfig("none", h2o_budget=0.5, h2o_recent=1.0),
+    "h2o-20-int4-w0": KVCacheConfig("int4", residual_length=0, h2o_budget=0.2),
+    "recent-20-int4-w0": KVCacheConfig("int4", residual_length=0, h2o_budget=0.2, h2o_recent=1.0),
+    "h2o-50-int4-w0": KVCacheConfig("int4", residual_length=0, h2o_budget=0.5),
+    "h2o-20-int2-w0": KVCacheConfig("int2", residual_length=0, h2o_budget=0.2),
 }
 
 
@@ -82,6 +96,22 @@ def bytes_row(cfg: KVCacheConfig | None, kv_heads: int, head_dim: int, context: 
         return dense / (per_token + window / n)
     return {"bytes_per_token": per_token, "ratio": dense / per_token, "ratio_at_context": effective(context),
             "ratio_32k": effective(32768), "window_bytes": window}
+
+
+@torch.no_grad()
+def h2o_bytes_row(model, window: torch.Tensor, cfg: KVCacheConfig, chunk: int, kv_heads: int, head_dim: int) -> dict:
+    """Bytes an H2O cache holds after decoding one window (``chunk`` tokens per forward), per context
+    token per layer (``H2OCache.memory``: kept codes and scales, plus the not-yet-quantized
+    arrivals). Eviction makes it depend on the context, so both ratio columns are this measurement."""
+    from compress.kv import kv_cache
+    cache = kv_cache(model, cfg)
+    for start in range(0, window.shape[0], chunk):
+        model(input_ids=window[None, start:start + chunk], past_key_values=cache, use_cache=True)
+    mem = cache.memory()
+    per = mem["bytes_per_token_per_layer"]
+    dense = dense_bytes_per_token(kv_heads, head_dim)
+    return {"bytes_per_token": per, "ratio": dense / per, "ratio_at_context": dense / per, "ratio_32k": dense / per,
+            "kept_per_head": mem["kept_per_head"], "window_bytes": mem["window"]}
 
 
 def run(args) -> dict:
@@ -114,7 +144,10 @@ def run(args) -> dict:
         row["perplexity"] = math.exp(nll / count)
         row["tokens"] = count
         row["eval_seconds"] = time.perf_counter() - start
-        row.update(bytes_row(cfg, kv_heads, head_dim, args.seqlen))
+        if cfg is not None and cfg.is_h2o:
+            row.update(h2o_bytes_row(model, test[0], cfg, args.chunk, kv_heads, head_dim))
+        else:
+            row.update(bytes_row(cfg, kv_heads, head_dim, args.seqlen))
         if cfg is not None and name in args.agreement:
             if reference is None:
                 reference = float_continuation(model, prompts, args.new_tokens)

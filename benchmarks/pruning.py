@@ -3,6 +3,7 @@
     python benchmarks/pruning.py                          # one-shot: magnitude / Wanda / SparseGPT at 50% and 2:4
     python benchmarks/pruning.py --only wanda-2of4 wanda-2of4+lora
     python benchmarks/pruning.py --structured             # 25% MLP width by activation / weight norm / random, +LoRA
+    python benchmarks/pruning.py --refine                 # DSnoT (60%, 70%, 2:4) and GBLM (50%, 2:4) vs Wanda
 
 Every setting is a pipeline of passes applied to a fresh copy of the float model. After each pass
 the model is evaluated on WikiText-2 test (first 40 windows of 512 tokens). One-shot methods
@@ -44,6 +45,14 @@ SETTINGS: dict[str, list[dict]] = {
     "sparsegpt-2of4": [{"method": "sparsegpt", "pattern": "2:4"}],
 }
 ONE_SHOT = list(SETTINGS)
+# DSnoT on top of Wanda's mask vs Wanda alone at high sparsity and 2:4; GBLM vs Wanda (--refine).
+for pct in (60, 70):
+    SETTINGS[f"wanda-{pct}"] = [{"method": "wanda", "sparsity": pct / 100}]
+    SETTINGS[f"dsnot-{pct}"] = [{"method": "dsnot", "sparsity": pct / 100}]
+SETTINGS["dsnot-2of4"] = [{"method": "dsnot", "pattern": "2:4"}]
+SETTINGS["gblm-50"] = [{"method": "gblm", "sparsity": 0.5}]
+SETTINGS["gblm-2of4"] = [{"method": "gblm", "pattern": "2:4"}]
+REFINE = ["wanda-60", "dsnot-60", "wanda-70", "dsnot-70", "dsnot-2of4", "gblm-50", "gblm-2of4"]
 for ranking in ("activation", "weight", "random"):
     SETTINGS[f"mlp25-{ranking}"] = [{"method": "structured", "target": "mlp", "ratio": 0.25, "importance": ranking}]
 STRUCTURED = [f"mlp25-{r}" for r in ("activation", "weight", "random")]
@@ -131,6 +140,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="*", choices=sorted(SETTINGS))
     p.add_argument("--structured", action="store_true", help="the structured (MLP width) settings")
     p.add_argument("--lora", action="store_true", help="the one-shot settings followed by LoRA retraining")
+    p.add_argument("--refine", action="store_true", help="DSnoT and GBLM vs Wanda (pruning-smollm2-refine.json)")
     p.add_argument("--lora-steps", type=int, default=None, help="override the LoRA settings' steps")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--output", default=None)
@@ -138,7 +148,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
 
-    names = args.only or (STRUCTURED if args.structured else LORA if args.lora else ONE_SHOT)
+    names = args.only or (STRUCTURED if args.structured else LORA if args.lora else REFINE if args.refine else ONE_SHOT)
     base, tok = compress.load_model(args.model)
     data = {"calib": compress.calibration_data(tok, args.calib, samples=args.samples, seqlen=args.seqlen, seed=0)}
     if any(spec.get("method") == "lora" for n in names for spec in SETTINGS[n]):
@@ -152,7 +162,8 @@ def main(argv=None) -> int:
         float_ppl = evaluate(base, tok, args)[0]
     print()
     print(table(rows, float_ppl))
-    default = "pruning-smollm2" + ("-structured" if args.structured else "-lora" if args.lora else "") + ".json"
+    default = "pruning-smollm2" + ("-structured" if args.structured else "-lora" if args.lora
+                                 else "-refine" if args.refine else "") + ".json"
     out = Path(args.output or ROOT / "benchmarks" / "results" / default)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "machine": machine(),

@@ -18,6 +18,7 @@ from .bench import BenchResult, BenchSettings, benchmark  # noqa: E402
 from .checkpoint.export import export  # noqa: E402
 from .checkpoint.inspect import inspect_checkpoint  # noqa: E402
 from .checkpoint.model_free import quantize_model_free  # noqa: E402
+from .checkpoint.streamed import quantize_streaming  # noqa: E402
 from .configs import config_from_dict, registered_methods  # noqa: E402
 from .distillation.config import DistillConfig  # noqa: E402
 from .distributed import DataParallel, data_parallel  # noqa: E402
@@ -29,20 +30,21 @@ from .evaluation import AgreementResult, EvalResult, evaluate, generate, generat
 from .kv import kv_cache  # noqa: E402
 from .loading import load_model  # noqa: E402
 from .lora import LoRAConfig  # noqa: E402
-from .pruning import MagnitudeConfig, SparseGPTConfig, StructuredConfig, WandaConfig  # noqa: E402
+from .pruning import AdaptConfig, MagnitudeConfig, MinitronConfig, SparseGPTConfig, StructuredConfig, WandaConfig  # noqa: E402
 from .quant.config import GPTQConfig, RTNConfig  # noqa: E402
 from .kv.cache import QuantizedKVCache  # noqa: E402
 from .kv.config import KVCacheConfig  # noqa: E402
+from .kv.swiftkv import SwiftKVConfig, swiftkv  # noqa: E402
 from .quant.linear import QuantLinear  # noqa: E402
 from .runtime import set_backend  # noqa: E402
 from .rotation.config import RotationConfig  # noqa: E402
 from .smoothing.config import AWQConfig, SmoothQuantConfig  # noqa: E402
 
 __all__ = [
-    "__version__", "apply", "prune", "quantize", "distill", "DistillConfig", "TeacherTargets", "compute_targets", "MagnitudeConfig", "WandaConfig", "SparseGPTConfig", "StructuredConfig", "LoRAConfig", "export", "quantize_model_free", "inspect_checkpoint", "config_from_dict", "registered_methods",
+    "__version__", "apply", "prune", "quantize", "distill", "DistillConfig", "TeacherTargets", "compute_targets", "MagnitudeConfig", "WandaConfig", "SparseGPTConfig", "StructuredConfig", "MinitronConfig", "AdaptConfig", "LoRAConfig", "export", "quantize_model_free", "quantize_streaming", "inspect_checkpoint", "config_from_dict", "registered_methods",
     "data_parallel", "DataParallel",
     "CalibrationData", "calibration_data", "evaluate", "generate", "EvalResult", "load_model", "GPTQConfig",
-    "RTNConfig", "SmoothQuantConfig", "AWQConfig", "RotationConfig", "QuantLinear", "KVCacheConfig", "QuantizedKVCache", "kv_cache", "generation_agreement",
+    "RTNConfig", "SmoothQuantConfig", "AWQConfig", "RotationConfig", "QuantLinear", "KVCacheConfig", "QuantizedKVCache", "kv_cache", "SwiftKVConfig", "swiftkv", "generation_agreement",
     "AgreementResult", "set_backend", "benchmark", "BenchSettings", "BenchResult", "CompressError",
     "ConfigError", "CheckpointError", "DataError", "MissingPathError", "ModelLoadError",
 ]

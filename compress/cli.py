@@ -1,4 +1,5 @@
-"""The ``compress`` command line: quantize, prune, eval, run, inspect, bench, plan, devices.
+"""The ``compress`` command line: quantize, prune, eval, run, inspect, bench, plan, devices, report,
+export.
 
 ``compress quantize`` builds a one-pass recipe from its flags and runs it like ``compress run``,
 so both print the same per-stage table and write the same report.json.
@@ -28,9 +29,12 @@ from .errors import CompressError, ConfigError
 from .evaluation import evaluate
 from .kernels.dequant_linear import BACKENDS
 from .checkpoint.model_free import quantize_model_free
+from .checkpoint.streamed import quantize_streaming
 from .loading import load_model, resolve_source
 from .plan.command import add_plan_parser, run_plan
 from .plan.devices import add_devices_parser, load_profile, match_local_profile, run_devices, save_profile
+from .report_html import add_report_parser, run_report
+from .checkpoint.gguf_export import add_export_parser, run_export
 from .formats import SCHEMES, WeightFormat
 from .guards import check_device
 from .kv.config import KV_SCHEMES, KVCacheConfig
@@ -103,6 +107,10 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--model-free", action="store_true",
                    help="quantize a safetensors checkpoint directory tensor by tensor without building the model "
                         "(rtn with a data-free scheme; bit for bit the model-based result; docs/model-free.md)")
+    q.add_argument("--stream", action="store_true",
+                   help="quantize a safetensors checkpoint directory one decoder layer in memory at a time, for "
+                        "models larger than host memory (rtn/gptq; bit for bit the in-memory result; "
+                        "docs/streaming.md)")
     q.add_argument("--set", dest="settings", metavar="KEY=VALUE", type=_setting, action="append", default=[],
                    help="any field of the method's config (repeatable), e.g. --set damp=0.05")
     q.add_argument("--scheme", choices=list(SCHEMES), default="int",
@@ -140,9 +148,15 @@ def _parser() -> argparse.ArgumentParser:
 
     _prune_parser(sub)
 
-    e = sub.add_parser("eval", help="perplexity of a model or checkpoint on a text")
+    e = sub.add_parser("eval", help="perplexity of a model or checkpoint on a text, and/or lm-eval tasks")
     e.add_argument("model")
-    e.add_argument("--data", required=True, help="text file or hub dataset NAME[:CONFIG][@SPLIT]")
+    e.add_argument("--data", help="perplexity on this text file or hub dataset NAME[:CONFIG][@SPLIT]")
+    e.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated: the local wikitext_cloze and "
+                                   "wikitext_nextsent (built from --task-data), or any lm-eval task name")
+    e.add_argument("--task-data", help="text the local tasks are built from (default: $COMPRESS_TASK_DATA, else "
+                                       "../shared/data/wikitext-2/test.txt if present)")
+    e.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
+    e.add_argument("--num-fewshot", type=int, default=None, help="in-context examples per task (default: the task's)")
     e.add_argument("--seqlen", type=int, default=512)
     e.add_argument("--max-windows", type=int, default=None)
     e.add_argument("--batch-size", type=int, default=4)
@@ -166,6 +180,8 @@ def _parser() -> argparse.ArgumentParser:
     _bench_parser(sub)
     add_plan_parser(sub)
     add_devices_parser(sub)
+    add_report_parser(sub)
+    add_export_parser(sub)
 
     i = sub.add_parser("inspect", help="what a checkpoint holds: format, bits, groups, size")
     i.add_argument("path")
@@ -280,18 +296,36 @@ def _kv_arguments(p: argparse.ArgumentParser, eval_flags: bool) -> None:
                    help="storage of the integer schemes' scales and minima (fp8: one byte each)")
     g.add_argument("--kv-sink", type=int, default=d.sink_tokens, metavar="N",
                    help="keep each sequence's first N tokens in full precision (attention sinks)")
+    g.add_argument("--kv-h2o", type=_h2o_budget, default=None, metavar="BUDGET",
+                   help="H2O eviction: keep BUDGET tokens per layer and KV head (a fraction like 0.2 of the "
+                        "context, or an integer token count); without --kv-cache the kept tokens stay 16-bit")
+    g.add_argument("--kv-h2o-recent", type=float, default=d.h2o_recent, metavar="SHARE",
+                   help="share of the H2O budget for the most recent tokens (rest: heavy hitters; 1 = recent only)")
     if eval_flags:
         g.add_argument("--kv-chunk", type=int, default=1,
                        help="tokens per forward through the cache (1 = decode token by token)")
         g.add_argument("--calib", help="calibration text for fp8 scales (default: scales from the first chunk)")
 
 
+def _h2o_budget(text: str) -> int | float:
+    """--kv-h2o: '64' is a token count, '0.2' a fraction of the context."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a fraction like 0.2 or a token count like 64, got {text!r}")
+
+
 def _kv_config(args) -> KVCacheConfig | None:
-    if not args.kv_cache:
+    h2o = getattr(args, "kv_h2o", None)
+    if not args.kv_cache and h2o is None:
         return None
-    return KVCacheConfig(scheme=args.kv_cache, group_size=args.kv_group_size, residual_length=args.kv_residual,
-                         fp8_scale=args.kv_fp8_scale, rotate_keys=args.kv_rotate, scale_dtype=args.kv_scale_dtype,
-                         sink_tokens=args.kv_sink)
+    return KVCacheConfig(scheme=args.kv_cache or "none", group_size=args.kv_group_size,
+                         residual_length=args.kv_residual, fp8_scale=args.kv_fp8_scale, rotate_keys=args.kv_rotate,
+                         scale_dtype=args.kv_scale_dtype, sink_tokens=args.kv_sink, h2o_budget=h2o,
+                         h2o_recent=getattr(args, "kv_h2o_recent", 0.5))
 
 
 _BACKEND_HELP = "kernels of the packed layers: auto (Triton on CUDA, PyTorch on CPU), torch or triton"
@@ -383,6 +417,7 @@ def _without_workers(argv: list[str]) -> list[str]:
 
 # Flags that count something and must be at least 1, with what to do instead.
 _AT_LEAST_ONE = {"max_windows": "omit --max-windows to evaluate every window",
+                 "limit": "omit --limit to evaluate every document",
                  "batch_size": "omit --batch-size for the default"}
 # The subcommands whose --device is a torch device (plan's names a device profile).
 _DEVICE_COMMANDS = ("quantize", "prune", "eval", "bench")
@@ -453,8 +488,13 @@ def _interrupted(out: Path | None, before: tuple[int, int] | None) -> str:
 def _quantize(args) -> int:
     if args.method is None:
         args.method = "rtn" if args.model_free else "gptq"
+    if args.model_free and args.stream:
+        raise ConfigError("--model-free and --stream are two ways to quantize without loading the whole model; "
+                          "pick one (--model-free: rtn, no model built; --stream: rtn or gptq, one layer at a time)")
     if args.model_free:
         return _quantize_model_free(args)
+    if args.stream:
+        return _quantize_streamed(args)
     kv = _kv_config(args)
     passes = [kv] if kv is not None else []
     if kv is not None and kv.is_fp8 and not args.calib:
@@ -509,6 +549,32 @@ def _quantize_model_free(args) -> int:
     return 0
 
 
+def _quantize_streamed(args) -> int:
+    """``compress quantize SRC --stream``: one decoder layer in host memory at a time (docs/streaming.md)."""
+    given = [flag for flag, value in (("--eval", args.eval_data), ("--kv-cache", args.kv_cache)) if value]
+    if given:
+        raise ConfigError(f"{', '.join(given)} do(es) not apply to --stream, which never holds the whole model; "
+                          f"evaluate the written checkpoint with compress eval, or quantize without --stream")
+    if args.method == "none":
+        raise ConfigError("--method none quantizes nothing; --stream takes --method rtn or gptq")
+    cfg = _method_config(args.method, _weight_flags(args), args.settings, "command line")
+    if not args.calib and method_of(cfg).needs_data(cfg):
+        raise ConfigError(f"--method {args.method} --scheme {args.scheme} needs --calib FILE (calibration text)")
+    calib = None
+    if args.calib:
+        from .loading import _load_tokenizer
+        source = resolve_source(args.model)
+        calib = calibration_data(_load_tokenizer(source), args.calib, args.calib_samples, args.seqlen,
+                                 seed=args.seed)
+    start = time.perf_counter()
+    out = quantize_streaming(args.model, cfg, args.output, calib, dtype=args.dtype, device=args.device,
+                             batch_size=args.batch_size, overwrite=args.overwrite, progress=not args.quiet)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors")
+    print(f"wrote {out} ({size / 2**20:.1f} MiB of weights, {cfg.method} {cfg.weight_format}, streamed) "
+          f"in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def _run_passes(args, passes) -> int:
     recipe = Recipe(model=args.model, dtype=args.dtype, device=args.device, backend=args.backend, passes=passes,
                     calibration=CalibrationSection(args.calib, args.calib_samples, args.seqlen, args.seed,
@@ -521,6 +587,11 @@ def _run_passes(args, passes) -> int:
 
 
 def _eval(args) -> int:
+    if not args.data and not args.tasks:
+        raise ConfigError("compress eval needs --data TEXT (perplexity) or --tasks NAMES (lm-eval tasks, e.g. "
+                          "--tasks wikitext_cloze,wikitext_nextsent), or both")
+    if args.tasks:
+        return _eval_tasks(args)
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
     kv = _kv_config(args)
     if kv is not None and kv.is_fp8 and args.calib:
@@ -538,6 +609,33 @@ def _eval(args) -> int:
                  if result.kv_cache else ""))
         if result.sample is not None:
             print(f"sample: {args.sample!r} -> {result.sample!r}")
+    return 0
+
+
+def _eval_tasks(args) -> int:
+    """``compress eval --tasks``: lm-eval tasks (and perplexity too when --data is given)."""
+    from .harness import default_task_data, run_tasks, task_manager
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if _kv_config(args) is not None:
+        raise ConfigError("--kv-cache/--kv-h2o apply to --data perplexity only: lm-eval tasks run the model's "
+                          "plain forward; drop them or --tasks")
+    task_data = args.task_data or default_task_data()
+    registry = task_manager(tasks, task_data=task_data)   # unknown names, missing data: fail before loading
+    model, tok = load_model(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
+    ppl = evaluate(model, tok, args.data, seqlen=args.seqlen, max_windows=args.max_windows,
+                   batch_size=args.batch_size, progress=not (args.quiet or args.json)) if args.data else None
+    result = run_tasks(model, tok, tasks, limit=args.limit, num_fewshot=args.num_fewshot,
+                       batch_size=args.batch_size, device=args.device, registry=registry)
+    if args.json:
+        print(json.dumps({**result.to_dict(), "perplexity": ppl.to_dict() if ppl else None}))
+        return 0
+    if ppl is not None:
+        print(f"perplexity {ppl.perplexity:.4f} over {ppl.tokens} tokens in {ppl.windows} windows of {ppl.seqlen} "
+              f"on {ppl.source}")
+    shots = "the tasks' default" if args.num_fewshot is None else args.num_fewshot
+    print(f"{args.model}: lm-eval {result.lm_eval_version}, {args.limit or 'all'} documents per task, "
+          f"few-shot {shots} ({result.seconds:.1f} s)")
+    print(result.table())
     return 0
 
 
@@ -598,7 +696,8 @@ def _bench_profile(args):
 
 
 _COMMANDS = {"quantize": _quantize, "prune": _prune, "eval": _eval, "run": _run, "inspect": _inspect, "bench": _bench,
-             "plan": run_plan, "devices": run_devices}
+             "plan": run_plan, "devices": run_devices, "report": run_report,
+             "export": run_export}
 
 
 if __name__ == "__main__":

@@ -109,35 +109,11 @@ def _export(model: nn.Module, tokenizer, path, overwrite: bool, max_shard_bytes:
     check_exportable(model)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        model_type = getattr(model.config, "model_type", "")
-        state = checkpoint_layout(model, checkpoint_state_dict(model))      # GPT-2's dense Conv1D weights: (in, out)
-        state = {to_checkpoint_name(model_type, k): v for k, v in state.items()}
+        state = checkpoint_tensors(model, checkpoint_state_dict(model))
         state.update(transform_tensors(model))                       # the rotation's online matrices
         meta = {"compress_version": __version__, **(metadata or {})}
         write_state_dict(state, tmp, metadata=meta, max_shard_bytes=max_shard_bytes)
-        config = model.config.to_dict()
-        config.pop("quantization_config", None)
-        if not config.get("architectures"):
-            config["architectures"] = [type(model).__name__]    # vLLM picks the model class from this
-        qc = quantization_config(model)
-        if qc is not None:
-            qc["transform_config"] = transform_config(model)
-            config["quantization_config"] = qc
-            warn_quantized_conv1d(model, _packed_decoder_modules(model))
-        config.pop(SPARSITY_KEY, None)
-        sparse = sparsity_config(model)
-        if sparse is not None:
-            config[SPARSITY_KEY] = sparse
-        config.pop(ADAPTER_KEY, None)
-        if adapters:
-            config[ADAPTER_KEY] = write_adapters(adapters, tmp, metadata=meta)
-        config["dtype"] = str(_float_dtype(model)).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        generation = getattr(model, "generation_config", None)
-        if generation is not None:
-            generation.save_pretrained(str(tmp))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+        write_config_files(model, tokenizer, tmp, meta, adapters)
         _move_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -145,6 +121,45 @@ def _export(model: nn.Module, tokenizer, path, overwrite: bool, max_shard_bytes:
     warn_transformers(model, path)
     log.info("exported %s", path)
     return path
+
+
+def checkpoint_tensors(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` (any part of ``model``'s state dict, names as the model spells them) as the checkpoint
+    stores it: GPT-2's dense Conv1D weights (in, out), names as the family's checkpoints spell them
+    (Mixtral's experts). Shared by the export and streamed compression (``streamed.py``)."""
+    model_type = getattr(model.config, "model_type", "")
+    state = checkpoint_layout(model, state)      # GPT-2's dense Conv1D weights: (in, out)
+    return {to_checkpoint_name(model_type, k): v for k, v in state.items()}
+
+
+def write_config_files(model: nn.Module, tokenizer, tmp: Path, meta: dict[str, str],
+                       adapters: dict[str, nn.Module]) -> None:
+    """config.json (with the quantization / sparsity / adapter configs of ``model``'s modules), the
+    adapters, the generation config and the tokenizer, into ``tmp``. Reads the modules' types and
+    attributes only, not their tensors (streamed compression calls it with the layers freed)."""
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    if not config.get("architectures"):
+        config["architectures"] = [type(model).__name__]    # vLLM picks the model class from this
+    qc = quantization_config(model)
+    if qc is not None:
+        qc["transform_config"] = transform_config(model)
+        config["quantization_config"] = qc
+        warn_quantized_conv1d(model, _packed_decoder_modules(model))
+    config.pop(SPARSITY_KEY, None)
+    sparse = sparsity_config(model)
+    if sparse is not None:
+        config[SPARSITY_KEY] = sparse
+    config.pop(ADAPTER_KEY, None)
+    if adapters:
+        config[ADAPTER_KEY] = write_adapters(adapters, tmp, metadata=meta)
+    config["dtype"] = str(_float_dtype(model)).removeprefix("torch.")
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(str(tmp))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype:

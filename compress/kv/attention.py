@@ -27,7 +27,7 @@ from ..kernels.dequant_linear import check_backend, resolve_backend
 from ..kernels.hadamard import rotate
 from .cache import QuantizedKVCache, attention_geometry
 from .config import KVCacheConfig
-from .model import CONFIG_KEY, attention_modules, check_kv_layout, module_device, set_kv_scales
+from .model import CONFIG_KEY, attention_modules, check_kv_layout, kv_config_of, module_device, set_kv_scales
 from .quant import FP8_MAX, QuantizedKV
 
 log = logging.getLogger(__name__)
@@ -104,9 +104,15 @@ def kv_cache(model: nn.Module, cfg: KVCacheConfig | None = None, *, backend: str
     ``backend``: "auto" runs decode steps through the Triton kernel on CUDA and through
     dequantize + SDPA elsewhere; "triton" forces the kernel, "torch" the reference. Sliding-window
     layers always take the reference path (their attention is bounded by the window), and a model
-    that caps attention logits (Gemma 2) keeps its own attention function: "auto" picks "torch"."""
+    that caps attention logits (Gemma 2) keeps its own attention function: "auto" picks "torch".
+    A config with ``h2o_budget`` gives an ``H2OCache`` (``compress.kv.h2o``), which always runs the
+    eager reference: eviction needs the attention probabilities the kernel does not return."""
     check_backend(backend)
     check_kv_layout(model)
+    h2o = cfg if cfg is not None else kv_config_of(model)
+    if h2o is not None and h2o.is_h2o:          # eviction needs the probabilities: the eager reference
+        from .h2o import h2o_cache
+        return h2o_cache(model, h2o)
     emb = model.get_input_embeddings().weight
     probe = torch.empty(0, device=module_device(model.get_input_embeddings()), dtype=emb.dtype)
     fused = resolve_backend(backend, probe, 8) == "triton"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 import torch
@@ -42,10 +43,19 @@ class KVCacheConfig(MethodConfig):
     sink_tokens:      the first tokens of every sequence kept in full precision for its whole life
                       (attention sinks: IntactKV, KVSink). A fixed cost like the window, not per
                       token; 0 (default) quantizes them like the rest. Not for sliding-window layers.
+    h2o_budget:       H2O eviction (Heavy-Hitter Oracle, Zhang et al. 2023; ``compress.kv.h2o``): keep
+                      at most this many tokens per layer and KV head, evict the rest. A float in
+                      (0, 1] is a fraction of the tokens seen so far (0.2 = 20% of the context), an
+                      int >= 1 a token count; None (default) keeps everything. Kept tokens are
+                      quantized by ``scheme`` as usual; ``scheme: none`` keeps them in the model's dtype.
+    h2o_recent:       the share of the budget kept for the most recent tokens (default 0.5, the
+                      paper's half/half); the rest goes to the heavy hitters, the older tokens with
+                      the largest attention received, summed over queries (and over the query heads
+                      of a GQA group). 1.0 = a recent-window-only cache of the same budget.
     """
 
     method = "kv_cache"
-    scheme: Literal["fp8", "int8", "int4", "int2"] = "int4"
+    scheme: Literal["fp8", "int8", "int4", "int2", "none"] = "int4"
     group_size: int = 64
     residual_length: int | None = None
     fp8_scale: Literal["tensor", "head"] = "tensor"
@@ -53,10 +63,14 @@ class KVCacheConfig(MethodConfig):
     scale_dtype: Literal["fp16", "fp8"] = "fp16"
     clip: Literal["minmax", "mse"] = "minmax"
     sink_tokens: int = 0
+    h2o_budget: int | float | None = None
+    h2o_recent: float = 0.5
 
     def validate(self) -> None:
-        if self.scheme not in KV_SCHEMES:
-            raise ConfigError(f"kv cache scheme must be one of {', '.join(KV_SCHEMES)}; got {self.scheme!r}")
+        if self.scheme not in KV_SCHEMES + ("none",):
+            raise ConfigError(f"kv cache scheme must be one of {', '.join(KV_SCHEMES)} (or 'none' with h2o_budget); "
+                              f"got {self.scheme!r}")
+        self._validate_h2o()
         if self.group_size <= 0 or self.group_size & (self.group_size - 1):
             raise ConfigError(f"kv cache group_size must be a power of two (16, 32, 64, 128), got {self.group_size}")
         if self.rotate_keys and self.is_fp8:
@@ -82,6 +96,41 @@ class KVCacheConfig(MethodConfig):
             raise ConfigError(f"residual_length {r} must be a multiple of group_size {self.group_size} (the window "
                               f"is flushed one key block at a time); try {r // self.group_size * self.group_size or self.group_size}")
 
+    def _validate_h2o(self) -> None:
+        b = self.h2o_budget
+        if b is None:
+            if self.scheme == "none":
+                raise ConfigError("kv cache scheme 'none' keeps tokens unquantized and is only for H2O eviction: "
+                                  "set h2o_budget (e.g. 0.2), or pick a scheme (int8/int4/int2/fp8)")
+            return
+        if isinstance(b, bool) or not isinstance(b, (int, float)):
+            raise ConfigError(f"kv cache h2o_budget must be a fraction in (0, 1] (float) or a token count >= 1 (int); "
+                              f"got {b!r}")
+        if isinstance(b, float) and not 0.0 < b <= 1.0:
+            raise ConfigError(f"kv cache h2o_budget {b} as a fraction of the context must be in (0, 1]; give an "
+                              f"integer (e.g. {max(1, int(b))}) for a token count")
+        if isinstance(b, int) and b < 1:
+            raise ConfigError(f"kv cache h2o_budget must be >= 1 token (or a fraction in (0, 1]); got {b}")
+        if isinstance(self.h2o_recent, bool) or not 0.0 <= self.h2o_recent <= 1.0:
+            raise ConfigError(f"kv cache h2o_recent (the budget's share for recent tokens) must be in [0, 1]; "
+                              f"got {self.h2o_recent!r}")
+        for field, bad, why in (("sink_tokens", self.sink_tokens, "keep them as heavy hitters instead"),
+                                ("rotate_keys", self.rotate_keys, "set rotate_keys: false"),
+                                ("fp8", self.is_fp8, "use scheme int8/int4/int2 or none")):
+            if bad:
+                raise ConfigError(f"kv cache h2o_budget does not combine with {field}: {why}")
+
+    @property
+    def is_h2o(self) -> bool:
+        return self.h2o_budget is not None
+
+    def h2o_kept(self, seen: int) -> tuple[int, int]:
+        """(heavy hitters, recent tokens) an H2O cache keeps after ``seen`` tokens."""
+        b = self.h2o_budget
+        budget = min(seen, math.ceil(b * seen) if isinstance(b, float) else b)
+        recent = min(budget, math.ceil(budget * self.h2o_recent))
+        return budget - recent, recent
+
     @property
     def is_fp8(self) -> bool:
         return self.scheme == "fp8"
@@ -93,10 +142,14 @@ class KVCacheConfig(MethodConfig):
 
     @property
     def bits(self) -> int:
+        if self.scheme == "none":
+            return 16
         return 8 if self.is_fp8 else int(self.scheme[3:])
 
     @property
     def residual(self) -> int:
+        if self.scheme == "none":
+            return 0
         if self.residual_length is not None:
             return self.residual_length
         return 0 if self.is_fp8 else 128
@@ -114,6 +167,8 @@ class KVCacheConfig(MethodConfig):
 
     def check_model(self, head_dim: int, where: str = "model") -> None:
         """Refuse a model this cache cannot hold, before any work."""
+        if self.scheme == "none":
+            return
         if not self.is_fp8:
             self.value_group(head_dim)
             if head_dim % (8 // self.bits):
@@ -127,6 +182,8 @@ class KVCacheConfig(MethodConfig):
         included, amortized over key blocks). The residual window is a fixed cost on top:
         ``residual_bytes``. FP8's per-layer scales are constant and not counted."""
         elems = num_kv_heads * head_dim
+        if self.scheme == "none":
+            return float(dense_bytes_per_token(num_kv_heads, head_dim))
         if self.is_fp8:
             return 2.0 * elems
         scale_bytes = 2 * (torch.finfo(self.scale_torch_dtype).bits // 8)        # scale + min
@@ -137,10 +194,17 @@ class KVCacheConfig(MethodConfig):
     def residual_bytes(self, num_kv_heads: int, head_dim: int, dtype_bytes: int = 2) -> int:
         """Bytes of the largest full-precision window: residual + up to one unfinished key block,
         plus the sink tokens."""
+        if self.scheme == "none":
+            return 0
         tokens = self.residual + self.flush_block - 1 + self.sink_tokens
         return 2 * tokens * num_kv_heads * head_dim * dtype_bytes
 
     def describe(self) -> str:
+        if self.is_h2o:
+            b = f"{100 * self.h2o_budget:g}%" if isinstance(self.h2o_budget, float) else f"{self.h2o_budget} tokens"
+            kind = "recent window" if self.h2o_recent == 1.0 else f"H2O (recent share {self.h2o_recent:g})"
+            base = "16-bit" if self.scheme == "none" else KVCacheConfig.describe(dataclasses.replace(self, h2o_budget=None))
+            return f"{kind} {b}, {base}"
         if self.is_fp8:
             return f"fp8 ({self.fp8_scale} scales{', window %d' % self.residual if self.residual else ''})"
         rot = ", rotated keys" if self.rotate_keys else ""

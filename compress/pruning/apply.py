@@ -168,11 +168,12 @@ class Pruner(LayerMethod):
 
 
 def prune_weights(model: nn.Module, cfg: PruneConfig, calib=None, *, device=None, batch_size: int | None = None,
-                  progress: bool = True) -> dict[str, PruneRecord]:
-    """Prune every target linear of ``model`` in place. Wanda and SparseGPT need ``calib``."""
+                  progress: bool = True, pruner=None) -> dict[str, PruneRecord]:
+    """Prune every target linear of ``model`` in place. Wanda and SparseGPT need ``calib``;
+    ``pruner(model, cfg)`` builds a Pruner subclass for methods that change the selection (DSnoT, GBLM)."""
     if not isinstance(cfg, PruneConfig):
         raise ConfigError(f"prune_weights takes a pruning config, got {type(cfg).__name__}")
-    pruner = Pruner(model, cfg)
+    pruner = (pruner or Pruner)(model, cfg)
     start = time.perf_counter()
     data = not isinstance(cfg, MagnitudeConfig)
     if data and calib is None:
