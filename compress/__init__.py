@@ -18,7 +18,7 @@ from .bench import BenchResult, BenchSettings, benchmark  # noqa: E402
 from .checkpoint.export import export  # noqa: E402
 from .checkpoint.inspect import inspect_checkpoint  # noqa: E402
 from .checkpoint.model_free import quantize_model_free  # noqa: E402
-from .checkpoint.streamed import quantize_streaming  # noqa: E402
+from .streamed import quantize_streaming  # noqa: E402
 from .configs import config_from_dict, registered_methods  # noqa: E402
 from .distillation.config import DistillConfig  # noqa: E402
 from .distributed import DataParallel, data_parallel  # noqa: E402

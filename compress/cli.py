@@ -29,12 +29,13 @@ from .errors import CompressError, ConfigError
 from .evaluation import evaluate
 from .kernels.dequant_linear import BACKENDS
 from .checkpoint.model_free import quantize_model_free
-from .checkpoint.streamed import quantize_streaming
-from .loading import load_model, resolve_source
+from .streamed import quantize_streaming
+from .loading import _load_tokenizer, load_model, resolve_source
+from .harness import default_task_data, run_tasks, task_manager
 from .plan.command import add_plan_parser, run_plan
 from .plan.devices import add_devices_parser, load_profile, match_local_profile, run_devices, save_profile
 from .report_html import add_report_parser, run_report
-from .checkpoint.gguf_export import add_export_parser, run_export
+from .checkpoint.gguf_export import add_export_parser, export_gguf
 from .formats import SCHEMES, WeightFormat
 from .guards import check_device
 from .kv.config import KV_SCHEMES, KVCacheConfig
@@ -562,7 +563,6 @@ def _quantize_streamed(args) -> int:
         raise ConfigError(f"--method {args.method} --scheme {args.scheme} needs --calib FILE (calibration text)")
     calib = None
     if args.calib:
-        from .loading import _load_tokenizer
         source = resolve_source(args.model)
         calib = calibration_data(_load_tokenizer(source), args.calib, args.calib_samples, args.seqlen,
                                  seed=args.seed)
@@ -614,7 +614,6 @@ def _eval(args) -> int:
 
 def _eval_tasks(args) -> int:
     """``compress eval --tasks``: lm-eval tasks (and perplexity too when --data is given)."""
-    from .harness import default_task_data, run_tasks, task_manager
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if _kv_config(args) is not None:
         raise ConfigError("--kv-cache/--kv-h2o apply to --data perplexity only: lm-eval tasks run the model's "
@@ -636,6 +635,24 @@ def _eval_tasks(args) -> int:
     print(f"{args.model}: lm-eval {result.lm_eval_version}, {args.limit or 'all'} documents per task, "
           f"few-shot {shots} ({result.seconds:.1f} s)")
     print(result.table())
+    return 0
+
+
+def _export(args) -> int:
+    """``compress export SOURCE --format gguf -o FILE``."""
+    model, tok = load_model(args.source, tokenizer=args.tokenizer)
+    report = export_gguf(model, tok, args.output, allow_requant=args.allow_requant, overwrite=args.overwrite,
+                         embedding_type=args.embedding_type, pre_tokenizer=args.pre_tokenizer)
+    s = report.summary()
+    if args.json:
+        print(json.dumps(s))
+    else:
+        types = ", ".join(f"{n} {k}" for k, n in sorted(s["types"].items()))
+        exact = ("exact: every quantized tensor decodes to our weights" if s["exact"] else
+                 f"{s['inexact_tensors']} of {s['quantized_tensors']} quantized tensors differ by up to "
+                 f"{s['max_abs_error']:.3g} (fp16 block scales)")
+        print(f"wrote {s['path']} ({s['file_bytes'] / 2**20:.1f} MiB): {types}; {exact}"
+              + (f"; re-rounded: {len(s['requantized'])} tensors" if s["requantized"] else ""))
     return 0
 
 
@@ -697,7 +714,7 @@ def _bench_profile(args):
 
 _COMMANDS = {"quantize": _quantize, "prune": _prune, "eval": _eval, "run": _run, "inspect": _inspect, "bench": _bench,
              "plan": run_plan, "devices": run_devices, "report": run_report,
-             "export": run_export}
+             "export": _export}
 
 
 if __name__ == "__main__":

@@ -280,9 +280,8 @@ def run_layerwise(model: nn.Module, calib, method: LayerMethod, *, device: torch
         batch_size = _auto_batch_size(model, calib.samples, calib.seqlen)
     parallel = _CONTEXT.get().parallel
     if parallel is not None:
-        from .engine_parallel import run_layerwise_parallel     # the data-parallel walk (compress.distributed)
-        run_layerwise_parallel(model, calib, method, parallel, device=device, batch_size=batch_size,
-                               progress=progress)
+        # Data-parallel calibration (compress.distributed): the walk on this rank's shards.
+        parallel.run_layerwise(model, calib, method, device=device, batch_size=batch_size, progress=progress)
         return
     start = time.perf_counter()
     with torch.no_grad():

@@ -156,9 +156,12 @@ def _load_gguf(path: Path, dtype) -> tuple[nn.Module, object]:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except (ValueError, KeyError) as exc:
         raise unsupported_model(path, exc) from exc
-    # The weights are dequantized floats now; the GGUF quantization note must not reach an export.
+    # The weights are dequantized floats now: the GGUF quantization note must not reach an export, and
+    # the model must save like any other (save_pretrained refuses one that still carries the GGUF quantizer).
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
     model.config.name_or_path = str(path)
     return model, tok
 

@@ -31,6 +31,9 @@ from html import escape
 from pathlib import Path
 
 from .errors import CompressError, ConfigError, MissingPathError
+from .evaluation import generate
+from .kv.model import kv_config_of
+from .loading import load_model
 from .report_charts import PALETTE, Series, heatmap, pareto_front, xy_chart
 
 log = logging.getLogger(__name__)
@@ -200,10 +203,6 @@ def float_source(run: Run) -> str | None:
 def generations(run: Run, *, float_model: str | None = None, prompts=PROMPTS, new_tokens: int = NEW_TOKENS,
                 backend: str = "auto") -> tuple[list[dict] | None, str]:
     """Greedy continuations of ``prompts`` by the float model and the run's compressed model."""
-    from .evaluation import generate
-    from .kv.model import kv_config_of
-    from .loading import load_model
-
     source = float_model or float_source(run)
     if source is None:
         return None, "report.json names no source model (recipe.model); pass --float-model"

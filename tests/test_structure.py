@@ -22,11 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "compress"
 HUB = PACKAGE                      # compress/__init__.py: re-exports the public API, imported by no module
 
-# Function-local imports that are allowed: optional (triton) or heavy and needed only on demand
+# Function-local imports that are allowed: optional (triton; lm_eval, the `eval` extra) or heavy and needed only on demand
 # (datasets, for hub datasets), the lazily imported Triton kernel modules (they import triton), and
 # the two transformers modules behind its attention registries (they pull in torch._dynamo and
 # scipy, about 2 s, doubling `import compress`; once a model exists they are loaded anyway).
-LOCAL_ALLOWED = re.compile(r"^(triton(\..*)?|datasets(\..*)?|compress\.kernels\.\w+_triton"
+LOCAL_ALLOWED = re.compile(r"^(triton(\..*)?|datasets(\..*)?|lm_eval(\..*)?|compress\.kernels\.\w+_triton"
                            r"|transformers\.(masking_utils|modeling_utils))$")
 # What compress.kernels may import from compress besides itself.
 KERNELS_MAY_IMPORT = {"compress.errors"}

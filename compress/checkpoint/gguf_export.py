@@ -51,6 +51,7 @@ from hashlib import sha256
 from pathlib import Path
 
 import numpy as np
+import gguf
 import torch
 from torch import nn
 
@@ -86,11 +87,7 @@ _LLAMA_NORMS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn
 
 
 def _gguf():
-    try:
-        import gguf
-    except ImportError as exc:                        # a dependency of compress, but installs may lack it
-        raise ConfigError("GGUF export needs the gguf package: pip install 'gguf>=0.10'") from exc
-    return gguf
+    return gguf                                       # a dependency of compress (it reads the example model)
 
 
 @dataclasses.dataclass
@@ -504,21 +501,3 @@ def add_export_parser(sub) -> None:
                    help="llama.cpp pre-tokenizer name (tokenizer.ggml.pre; default: detected as convert_hf_to_gguf does)")
     e.add_argument("--tokenizer", default=None, help="tokenizer source (default: the model's)")
     e.add_argument("--json", action="store_true", help="print the report as one JSON object")
-
-
-def run_export(args) -> int:
-    from ..loading import load_model               # loading imports this package: import at use
-    model, tok = load_model(args.source, tokenizer=args.tokenizer)
-    report = export_gguf(model, tok, args.output, allow_requant=args.allow_requant, overwrite=args.overwrite,
-                         embedding_type=args.embedding_type, pre_tokenizer=args.pre_tokenizer)
-    s = report.summary()
-    if args.json:
-        print(json.dumps(s))
-    else:
-        types = ", ".join(f"{n} {k}" for k, n in sorted(s["types"].items()))
-        exact = ("exact: every quantized tensor decodes to our weights" if s["exact"] else
-                 f"{s['inexact_tensors']} of {s['quantized_tensors']} quantized tensors differ by up to "
-                 f"{s['max_abs_error']:.3g} (fp16 block scales)")
-        print(f"wrote {s['path']} ({s['file_bytes'] / 2**20:.1f} MiB): {types}; {exact}"
-              + (f"; re-rounded: {len(s['requantized'])} tensors" if s["requantized"] else ""))
-    return 0

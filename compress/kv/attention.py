@@ -26,6 +26,7 @@ from ..kernels.decode_attention import decode_attention, layout_unsupported
 from ..kernels.dequant_linear import check_backend, resolve_backend
 from ..kernels.hadamard import rotate
 from .cache import QuantizedKVCache, attention_geometry
+from .h2o import h2o_cache
 from .config import KVCacheConfig
 from .model import CONFIG_KEY, attention_modules, check_kv_layout, kv_config_of, module_device, set_kv_scales
 from .quant import FP8_MAX, QuantizedKV
@@ -111,7 +112,6 @@ def kv_cache(model: nn.Module, cfg: KVCacheConfig | None = None, *, backend: str
     check_kv_layout(model)
     h2o = cfg if cfg is not None else kv_config_of(model)
     if h2o is not None and h2o.is_h2o:          # eviction needs the probabilities: the eager reference
-        from .h2o import h2o_cache
         return h2o_cache(model, h2o)
     emb = model.get_input_embeddings().weight
     probe = torch.empty(0, device=module_device(model.get_input_embeddings()), dtype=emb.dtype)

@@ -40,8 +40,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..configs import MethodConfig, config_from_dict, register_method
+from ..data import CalibrationData
+from ..distillation.apply import distill
 from ..engine import LayerMethod, default_device, run_layerwise
 from ..errors import ConfigError
+from ..lora.train import calibration_ids, retrain
 from ..modeling import find_decoder_layers
 from ..structure import prepare_model
 from .mlp_layouts import find_mlp, slice_mlp
@@ -227,8 +230,6 @@ def _train(model, cfg, data, k: int, teacher, device, progress):
     """Increment k's training. The LM loss reads the k-th of ``increments`` equal slices of the windows,
     so all increments together see each window once (as one-shot pruning + the same steps would);
     distillation reads all of them (cached teacher targets are indexed by window)."""
-    from ..distillation.apply import distill
-    from ..lora.train import calibration_ids, retrain
     tcfg = cfg.train_config()
     if tcfg is None:
         return None
@@ -270,7 +271,6 @@ def prune_adaptive(model: nn.Module, cfg: AdaptConfig, calib=None, *, device=Non
     if final_total < n * m:
         raise ConfigError(f"ratio {cfg.ratio:g} leaves {final_total} channels, fewer than {m} per layer; pass a "
                           f"smaller ratio")
-    from ..data import CalibrationData
     ids = calib.input_ids if hasattr(calib, "input_ids") else calib
     probe = CalibrationData(ids[:cfg.importance_samples], "adapt importance", 0)
     dev = torch.device(device) if device is not None else default_device()

@@ -283,7 +283,13 @@ def choose_widths(cfg: MinitronConfig, table, full: Widths, head_dim: int) -> Wi
     hiddens = options("hidden", full.hidden, cfg.hidden_multiple)
     mlps = options("mlp", full.mlp, cfg.mlp_multiple)
     heads = heads_opts if "heads" in free or "heads" in explicit else heads_opts[:1]
-    candidates = [Widths(h, m, q, kv) for h, m, (q, kv) in itertools.product(hiddens, mlps, heads)]
+    # transformers' configs of these families validate hidden_size % num_attention_heads == 0 (even with an
+    # explicit head_dim), so a checkpoint breaking it would not load back.
+    candidates = [Widths(h, m, q, kv) for h, m, (q, kv) in itertools.product(hiddens, mlps, heads) if h % q == 0]
+    if not candidates:
+        raise ConfigError(f"no hidden size among {hiddens[:3]}... is a multiple of the kept query heads {[q for q, _ in heads]}, "
+                          f"which transformers requires (hidden_size % num_attention_heads == 0); pass another "
+                          f"hidden_size / num_attention_heads or a smaller hidden_multiple")
     if cfg.target_params is None:
         return candidates[0]
     target = float(cfg.target_params)

@@ -275,9 +275,9 @@ def test_smollm2_to_100m_keeps_head_dim_and_reloads(tmp_path):
     data = compress.calibration_data(tok, SHARED_DATA / "wikitext-2" / "valid.txt", samples=2, seqlen=128)
     records = compress.prune(model, MinitronConfig(target_params=100e6), calib=data, progress=False)
     c = model.config
-    assert (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == \
-        (448, 1408, 9, 3, 64)
-    assert records["model"].params_after == nparams(model) == 99_461_824
+    assert c.head_dim == 64 and c.hidden_size % c.num_attention_heads == 0 and c.hidden_size % 64 == 0
+    assert records["model"].params_after == nparams(model)
+    assert abs(nparams(model) - 100e6) <= 0.02 * 100e6
     ids = data.input_ids[:1, :32]
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()

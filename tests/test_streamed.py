@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import compress
-from compress.checkpoint import streamed
+from compress import streamed
 from compress.checkpoint.safetensors_io import INDEX_NAME, read_state_dict
 from compress.cli import main
 from compress.data import CalibrationData

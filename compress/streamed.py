@@ -33,25 +33,30 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
+from huggingface_hub import snapshot_download
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-from ..conv1d import transposed_weights
-from ..engine import engine_context
-from ..guards import check_finite
-from ..errors import CheckpointError, ConfigError, ModelLoadError
-from ..loading import _load_tokenizer, resolve_dtype, resolve_source
-from ..modeling import find_decoder_layers
-from ..moe import to_checkpoint_name
-from ..quant.apply import IntWeightQuantizer, _actorder
-from ..quant.config import IntWeightConfig
-from ..structure import prepare_model
-from ..version import __version__
-from .export import (_check_destination, _move_into_place, _warn_fp8_blocks, _warn_int4_activations,
+from .api import quantize
+
+from .conv1d import transposed_weights
+from .engine import engine_context
+from .guards import check_finite
+from .errors import CheckpointError, ConfigError, ModelLoadError
+from .loading import _load_tokenizer, resolve_dtype, resolve_source
+from .modeling import find_decoder_layers
+from .moe import to_checkpoint_name
+from .quant.apply import IntWeightQuantizer, _actorder
+from .quant.config import IntWeightConfig
+from .structure import prepare_model
+from .version import __version__
+from .checkpoint.export import (_check_destination, _move_into_place, _warn_fp8_blocks, _warn_int4_activations,
                      _warn_partial_groups, checkpoint_tensors, write_config_files)
-from .model_free import _check_index, _shards
-from .safetensors_io import DEFAULT_SHARD_BYTES, INDEX_NAME, SINGLE_NAME, weight_files
-from .streaming import ShardWriter, TensorSource
-from .transforms import warn_transformers
+from .checkpoint.model_free import _check_index, _shards
+from .checkpoint.safetensors_io import DEFAULT_SHARD_BYTES, INDEX_NAME, SINGLE_NAME, weight_files
+from .checkpoint.streaming import ShardWriter, TensorSource
+from .checkpoint.transforms import warn_transformers
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +93,6 @@ def quantize_streaming(src: str | Path, cfg: IntWeightConfig, out: str | Path, c
         streamer.open(tmp, max_shard_bytes)
         streamer.load_outside()
         # compress.quantize, not the handler: the same checks (finite weights, ...) as the in-memory path.
-        from ..api import quantize
         with engine_context(layer_scope=streamer):
             quantize(model, cfg, calib, device=device, batch_size=batch_size, progress=progress)
         _warn_partial_groups(model)
@@ -113,7 +117,6 @@ def _resolve(src: str | Path) -> Path:
     resolved = resolve_source(src)
     if isinstance(resolved, str):                       # a hub id: download its safetensors snapshot
         try:
-            from huggingface_hub import snapshot_download
             resolved = Path(snapshot_download(resolved, allow_patterns=["*.json", "*.safetensors", "*.txt",
                                                                         "*.model", "*.tiktoken", "*.jinja"]))
         except Exception as exc:                        # offline, unknown repo, gated, ...
@@ -155,8 +158,6 @@ def _read_source(src: Path) -> TensorSource:
 def build_empty(src: Path, source: TensorSource, dtype: str | torch.dtype = "auto") -> nn.Module:
     """``src``'s model on the meta device (buffers computed at init, such as rotary frequencies,
     are real), in ``dtype`` as ``load_model`` would choose it, in the normal form (prepare_model)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     config = AutoConfig.from_pretrained(str(src))
     torch_dtype = resolve_dtype(dtype)
