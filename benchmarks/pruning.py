@@ -143,6 +143,8 @@ def main(argv=None) -> int:
     p.add_argument("--refine", action="store_true", help="DSnoT and GBLM vs Wanda (pruning-smollm2-refine.json)")
     p.add_argument("--lora-steps", type=int, default=None, help="override the LoRA settings' steps")
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--float-ppl", type=float, default=None,
+                   help="the float model's perplexity when already measured (skips the trailing float evaluation)")
     p.add_argument("--output", default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -157,7 +159,7 @@ def main(argv=None) -> int:
     rows = []
     for name in names:
         rows.append(run_setting(name, SETTINGS[name], base, tok, data, args))
-    float_ppl = next((r["perplexity"] for r in rows if r["setting"] == "float"), None)
+    float_ppl = next((r["perplexity"] for r in rows if r["setting"] == "float"), args.float_ppl)
     if float_ppl is None:
         float_ppl = evaluate(base, tok, args)[0]
     print()

@@ -141,7 +141,9 @@ def write_model(directory: Path, layers: int, seed: int = 0, shard_layers: int =
                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(directory)
     return {"total": sizes["total"], "largest_layer": max(sizes["layers"].values()) // shard_layers,
-            "hidden": cfg.hidden_size, "vocab": cfg.vocab_size}
+            "hidden": cfg.hidden_size, "vocab": cfg.vocab_size,
+            # GPTQ's float32 Hessians of one layer (q/k/v, o, gate/up: hidden^2; down: intermediate^2)
+            "hessians": 4 * (3 * cfg.hidden_size ** 2 + cfg.intermediate_size ** 2)}
 
 
 def compare(a: Path, b: Path) -> dict:
@@ -214,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     mib = 2 ** 20
     base = runs["fixed"]["peak_rss_mib"]
     target = base + 1.5 * (sizes["largest_layer"] + activations) / mib
+    # GPTQ also holds its calibration statistics: a float32 Hessian per input group of the layer (976 MiB
+    # at 8B widths, more than the layer), which no streaming removes; the target counting them too.
+    statistics = sizes["hessians"] if args.method == "gptq" else 0
+    target_stats = base + 1.5 * (sizes["largest_layer"] + activations + statistics) / mib
     result = {
         "machine": "2-core CPU, contended" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
         "model": {**{k: v for k, v in (LLAMA3_8B | overrides).items()}, "layers": args.layers, "dtype": "bfloat16",
@@ -222,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.method == "gptq" else None, "activations_mib": activations / mib,
         "import_rss_mib": runs["baseline"]["peak_rss_mib"], "fixed_rss_mib": base, "target_rss_mib": target, "runs": runs,
         "streamed_meets_target": runs["streamed"]["peak_rss_mib"] <= target, "outputs": equal,
+        "statistics_mib": statistics / mib, "target_with_statistics_mib": target_stats,
+        "streamed_meets_target_with_statistics": runs["streamed"]["peak_rss_mib"] <= target_stats,
+        "command": " ".join(["python", "benchmarks/streaming.py", *(argv if argv is not None else sys.argv[1:])]),
     }
     print(f"model: {args.layers} layers, checkpoint {sizes['total'] / mib:.0f} MiB, largest layer "
           f"{sizes['largest_layer'] / mib:.0f} MiB, activations {activations / mib:.0f} MiB; RSS after imports "
@@ -232,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{mode:<10} {r['peak_rss_mib']:>12.0f} {r['peak_rss_mib'] - base:>12.0f} {r['seconds']:>8.1f}")
     print(f"target (fixed + 1.5 x (largest layer + activations)): {target:.0f} MiB -> "
           f"{'met' if result['streamed_meets_target'] else 'NOT met'}; outputs equal: {equal['equal']}")
+    if statistics:
+        print(f"with GPTQ's Hessians ({statistics / mib:.0f} MiB per layer) counted as calibration state: "
+              f"{target_stats:.0f} MiB -> {'met' if result['streamed_meets_target_with_statistics'] else 'NOT met'}")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -118,6 +118,9 @@ def main(argv=None) -> int:
     p.add_argument("--eval", default=str(DATA / "test.txt"))
     p.add_argument("--part", choices=["minitron", "adapt"], required=True)
     p.add_argument("--only", nargs="*")
+    p.add_argument("--hidden-multiple", type=int, default=48,
+                   help="minitron: kept hidden size is a multiple of this (transformers also needs hidden %% heads == 0: "
+                        "on SmolLM2's 9 heads, 48 allows 432, 64 allows only 576)")
     p.add_argument("--steps", type=int, default=20, help="training steps of every arm (4 windows of 512 each)")
     p.add_argument("--samples", type=int, default=64, help="calibration windows for importance")
     p.add_argument("--target-params", type=float, default=100e6)
@@ -149,7 +152,7 @@ def main(argv=None) -> int:
                             progress=args.progress).save(cache)
         teacher = TeacherTargets.load(cache)
         mini = {"method": "minitron", "target_params": args.target_params, "axes": ["hidden", "mlp"],
-                "hidden_multiple": 64, "mlp_multiple": 64, "tolerance": 0.02}
+                "hidden_multiple": args.hidden_multiple, "mlp_multiple": 64, "tolerance": 0.02}
         settings = {"minitron-100m+distill": mini}
         probe = float_model                           # read only: the axis table and the search
         from compress.pruning.minitron import MinitronConfig, _geometry, choose_widths, count_params, tensor_axes

@@ -390,6 +390,7 @@ def run_layerwise_parallel(model: nn.Module, calib, method: LayerMethod, dp: Dat
                 shards = {s: [_run_layer(layer, c) for c in chunks] for s, chunks in shards.items()}
                 if targets:
                     method.finalize(layer, prefix, list(targets))
+                targets = stats = None           # the replaced linears (their dense weights) go now
     log.info("%s: %d layers in %.1f s on rank %d of %d", method.name, len(layers), time.perf_counter() - start,
              dp.rank, dp.world)
 

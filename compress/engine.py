@@ -108,6 +108,9 @@ class LayerMethod:
 
     name: str = "method"
     targets: dict[str, nn.Module]
+    # In the data-free walk, finalize each group right after its solve (nothing computes with the
+    # layer in between), so one group's unpacked weights are resident at a time, not the layer's.
+    finalize_each_group: bool = False
 
     def is_target(self, name: str, module: nn.Module) -> bool:
         return name in self.targets
@@ -222,9 +225,13 @@ def _walk_without_data(model: nn.Module, method: LayerMethod, device: torch.devi
             if not names:
                 continue
             # Linears that read one input (q/k/v; gate/up) are solved together, as with data.
-            for group in fused_groups(names):
+            groups = fused_groups(names)
+            for group in groups:
                 method.solve([prefix + n for n in group], [layer.get_submodule(n) for n in group], None)
-            method.finalize(layer, prefix, names)
+                if method.finalize_each_group:
+                    method.finalize(layer, prefix, group)
+            if not method.finalize_each_group:
+                method.finalize(layer, prefix, names)
 
 
 def select_linears(model: nn.Module, ignore: list[str], *, verb: str, left: str,
@@ -305,6 +312,7 @@ def run_layerwise(model: nn.Module, calib, method: LayerMethod, *, device: torch
                         _solve_group_by_group(layer, chunks, groups, targets, method, prefix)
                         chunks = [_run_layer(layer, c) for c in chunks]
                     method.finalize(layer, prefix, list(targets))
+                    targets = groups = None      # the replaced linears (their dense weights) go now, not next layer
                 else:
                     chunks = [_run_layer(layer, c) for c in chunks]
     log.info("%s: %d layers in %.1f s", method.name, len(layers), time.perf_counter() - start)

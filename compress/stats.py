@@ -34,12 +34,27 @@ class HessianStats:
     def hessian(self) -> torch.Tensor:
         if self.tokens == 0:
             raise RuntimeError("HessianStats.hessian read before any input was added")
+        if self.xtx is None:
+            raise RuntimeError("HessianStats.hessian read after take_hessian() gave the sums away")
         return self.xtx * (2.0 / self.tokens)
+
+    def take_hessian(self) -> torch.Tensor:
+        """``hessian``, made in place from the accumulated sums, which these statistics give up (for
+        the one solve that reads them: saves an in^2 float32 copy, 784 MiB for an 8B model's
+        down_proj). The same values as ``hessian``."""
+        if self.tokens == 0:
+            raise RuntimeError("HessianStats.hessian read before any input was added")
+        if self.xtx is None:
+            raise RuntimeError("HessianStats.take_hessian() called twice")
+        h, self.xtx = self.xtx.mul_(2.0 / self.tokens), None
+        return h
 
     @property
     def diag(self) -> torch.Tensor:
         """Per input feature: 2 * mean(x^2), the weight each column's error carries."""
-        return self.hessian.diagonal()
+        if self.tokens == 0 or self.xtx is None:
+            return self.hessian.diagonal()                        # (raises the reason)
+        return self.xtx.diagonal() * (2.0 / self.tokens)         # no in^2 copy for the diagonal
 
 
 class InputStats:

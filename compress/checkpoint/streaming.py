@@ -84,10 +84,16 @@ class TensorSource:
     def get(self, name: str) -> torch.Tensor:
         """The tensor ``name``, read from its file into memory of its own."""
         e = self.entries[name]
-        with open(e.path, "rb") as fh:
+        data = bytearray(e.end - e.start)          # read into it directly (no second copy of the bytes)
+        with open(e.path, "rb", buffering=0) as fh:
             fh.seek(e.data_offset + e.start)
-            data = bytearray(fh.read(e.end - e.start))
-        if len(data) != e.end - e.start:
+            view, got = memoryview(data), 0
+            while got < len(data):
+                n = fh.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+        if got != e.end - e.start:
             raise CheckpointError(f"{e.path} is truncated: tensor {name!r} is cut short; re-download it")
         if not data:
             return torch.empty(e.shape, dtype=e.torch_dtype)

@@ -16,6 +16,9 @@ import torch
 _MASK32 = (1 << 32) - 1
 
 
+_PACK_BLOCK_ELEMENTS = 1 << 20        # codes packed at once (the int64 work is 24 bytes per code)
+
+
 def packed_words(n: int, bits: int) -> int:
     return math.ceil(n * bits / 32)
 
@@ -26,6 +29,14 @@ def pack_int32(q: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
         raise ValueError(f"pack_int32 expects a 2-D tensor, got shape {tuple(q.shape)}")
     if dim == 0:
         return pack_int32(q.t(), bits, dim=1).t().contiguous()
+    rows, n = q.shape
+    step = max(1, _PACK_BLOCK_ELEMENTS // max(n, 1))
+    if rows > step:
+        # Row blocks: the int64 work below is 24 bytes per code; an 8B model's gate_proj would need 1.4 GB.
+        out = torch.empty(rows, packed_words(n, bits), dtype=torch.int32, device=q.device)
+        for r in range(0, rows, step):
+            out[r:r + step] = pack_int32(q[r:r + step], bits)
+        return out
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     q64 = q.to(torch.int64)
     if q64.numel() and (int(q64.min()) < lo or int(q64.max()) > hi):

@@ -3,7 +3,8 @@ Wanda's score plus a gradient term, from one backward pass per calibration windo
 
     G_ij  = sqrt(sum_n (dL_n / dW_ij)^2)        the l2 norm over windows n of the gradient of
                                                window n's mean next-token loss (dense model)
-    S_ij  = |W_ij| * (gradient_weight * G_ij + ||X_j||_2)
+    S_ij  = |W_ij| * (gradient_weight * G_ij + ||X_j||)
+    ||X_j|| = sqrt(mean over windows of sum over the window's tokens of x_j^2)   (Wanda's scaler, as the paper)
 
 compared within each output row (or N:M group) as Wanda does. The gradients are taken once, on
 the dense model, before any layer is pruned; only the squared-gradient sums of the target
@@ -93,16 +94,20 @@ def gradient_norms(model: nn.Module, calib, names: list[str]) -> dict[str, torch
 class GBLMPruner(Pruner):
     """The pruning engine method with GBLM's gradient-augmented score."""
 
-    def __init__(self, model: nn.Module, cfg: GBLMConfig, grads: dict[str, torch.Tensor]):
+    def __init__(self, model: nn.Module, cfg: GBLMConfig, grads: dict[str, torch.Tensor], windows: int):
         super().__init__(model, cfg)
         self.grads = grads                                       # name -> G (out, in)
+        self.windows = max(1, windows)                           # calibration windows (the paper's nsamples)
 
     def _solve_stacked(self, names, modules, stats, has_data: bool) -> None:
         w = torch.cat([m.weight.detach() for m in modules], dim=0).float()    # (sum of rows, in)
         sparsity = self.sparsity[names[0]]
         fallback = None
         if has_data:
-            xnorm = (stats.diag * (stats.tokens / 2)).sqrt()     # ||X_j||_2 over the calibration tokens
+            # ||X_j||: sum of x^2 over a window's tokens, averaged over the windows (the Wanda scaler the
+            # paper adds the gradient term to). Not over all tokens: that would weaken the gradient term
+            # by sqrt(windows) against the paper's balance.
+            xnorm = (stats.diag * (stats.tokens / 2 / self.windows)).sqrt()
             grad = torch.cat([self.grads.pop(n).to(w.device) for n in names], dim=0)
             score = w.abs() * (self.cfg.gradient_weight * grad + xnorm)
         else:
@@ -124,8 +129,9 @@ def prune_gblm(model: nn.Module, cfg: GBLMConfig, calib=None, **kwargs):
                           "TEXT_FILE, samples=..., seqlen=...) (CLI: --calib FILE)")
     names = list(Pruner(model, cfg).targets)
     grads = gradient_norms(model, calib, names)
-    log.info("gblm: gradients of %d linears over %d windows", len(grads), _input_ids(calib).shape[0])
-    return prune_weights(model, cfg, calib, pruner=lambda m, c: GBLMPruner(m, c, grads), **kwargs)
+    windows = _input_ids(calib).shape[0]
+    log.info("gblm: gradients of %d linears over %d windows", len(grads), windows)
+    return prune_weights(model, cfg, calib, pruner=lambda m, c: GBLMPruner(m, c, grads, windows), **kwargs)
 
 
 register_method(GBLMConfig, prune_gblm, area="prune", statistics="input")

@@ -57,7 +57,7 @@ def sparsegpt_solve(hessian: torch.Tensor, weight: torch.Tensor, cfg: SparseGPTC
     if fmt is not None and not getattr(fmt, "symmetric", True):
         raise ConfigError("joint pruning + quantization needs a symmetric grid (zero must be a code)")
     diag = h.diagonal().clone()
-    hinv, damp = inverse_hessian_factor(h, cfg.damp)
+    hinv, damp = inverse_hessian_factor(h, cfg.damp, overwrite=True)      # h: prepare_hessian's copy
     if hinv is None:
         return _fallback(w, diag, cfg, sparsity, fmt, keep, damp)
 

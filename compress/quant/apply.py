@@ -22,7 +22,7 @@ from ..structure import warn_uncompressed
 from .config import GPTQConfig, IntWeightConfig, RTNConfig
 from .fp4 import nvfp4_global_scale
 from .gptq import gptq_solve
-from .rtn import QuantResult, rtn_solve
+from .rtn import QuantResult, rtn_solve, rtn_solve_inplace
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,8 @@ class IntWeightQuantizer(LayerMethod):
 
     Every per-module decision reads that module's resolved config (``cfg.for_module(name)``, which
     applies the pass's ``overrides``)."""
+
+    finalize_each_group = True            # data-free: pack each group at once (engine.LayerMethod)
 
     def __init__(self, model: nn.Module, cfg: IntWeightConfig):
         self.cfg = cfg
@@ -115,10 +117,9 @@ class IntWeightQuantizer(LayerMethod):
                                   f"(CLI: --calib FILE), or use a dynamic scheme (nvfp4a16, fp8, w8a8-int8)")
         if self.gptq and not calibrated and not few:
             log.warning("%s received no calibration input; quantized with round-to-nearest", names[0])
-        weight = torch.cat([m.weight.detach() for m in modules], dim=0)
         # A pruned fused group keeps its zeros as a whole, whatever formats its parts get.
         keep_zeros = (self.gptq and self.cfg.keep_sparsity
-                      and float((weight == 0).float().mean()) >= MIN_PRUNED_FRACTION)
+                      and _zero_fraction([m.weight.detach() for m in modules]) >= MIN_PRUNED_FRACTION)
         parts = _split_by_config(names, modules, cfgs)
         if len(parts) > 1 and not self._warned_split:
             self._warned_split = True
@@ -127,9 +128,10 @@ class IntWeightQuantizer(LayerMethod):
         # NVFP4 rows of one fused group share one global scale (vLLM fuses q/k/v and gate/up into
         # one tensor with one); solved in one part, the part's stacked amax gives it.
         shared_global = {} if len(parts) == 1 else _shared_nvfp4_global_scales(parts)
-        for cfg, part_names, part_modules in _split_blocks(parts):
+        blocks = _split_blocks(parts)
+        for cfg, part_names, part_modules in blocks:
             self._solve_part(cfg, part_names, part_modules, stats if calibrated else None, keep_zeros,
-                             shared_global.get(cfg.scheme))
+                             shared_global.get(cfg.scheme), last_reader=len(blocks) == 1)
         for name in names:
             self.records[name].tokens = tokens
             if few:
@@ -138,15 +140,30 @@ class IntWeightQuantizer(LayerMethod):
 
     def _solve_part(self, cfg: IntWeightConfig, names: list[str], modules: list[nn.Linear],
                     stats: HessianStats | InputStats | None, keep_zeros: bool,
-                    global_scale: torch.Tensor | None) -> None:
-        weight = torch.cat([m.weight.detach() for m in modules], dim=0)     # (sum of out_features, in)
+                    global_scale: torch.Tensor | None, last_reader: bool = False) -> None:
+        """``last_reader``: no other part reads ``stats``, so GPTQ may take its Hessian sums in place."""
         dtype = modules[0].weight.dtype
         fmt = cfg.weight_format.solver_grid(dtype, cfg.observer)
         if global_scale is not None:
             fmt.global_scale = global_scale
+        if not (stats is not None and self.gptq):
+            # Round-to-nearest in row blocks, straight into the modules' weights: no stacked copy and no
+            # float32 copy of the whole group (streamed compression of an 8B layer stays near its size).
+            results = rtn_solve_inplace([m.weight.data for m in modules], cfg, dtype,
+                                        stats.diag if stats is not None else None, fmt=fmt)
+            if results is not None:
+                for name, module, result in zip(names, modules, results):
+                    self._results[name] = result
+                    if stats is not None:
+                        self._input_amax[name] = stats.amax
+                    self.records[name] = ModuleRecord(name, tuple(module.weight.shape), result.loss, None, None)
+                return
+        weight = torch.cat([m.weight.detach() for m in modules], dim=0)     # (sum of out_features, in)
         if stats is not None and self.gptq:
-            result = gptq_solve(stats.hessian, weight, cfg, scale_dtype=dtype, fmt=fmt,
-                                keep=weight != 0 if keep_zeros else None)
+            hessian = stats.take_hessian() if last_reader and hasattr(stats, "take_hessian") else stats.hessian
+            result = gptq_solve(hessian, weight, cfg, scale_dtype=dtype, fmt=fmt,
+                                keep=weight != 0 if keep_zeros else None, own_hessian=True)
+            del hessian
         else:
             result = rtn_solve(weight, cfg, dtype, stats.diag if stats is not None else None, fmt=fmt)
         if result.fallback:
@@ -181,7 +198,11 @@ class IntWeightQuantizer(LayerMethod):
             new = cfg.weight_format.pack(result, bias=old.bias, dtype=old.weight.dtype,
                                          input_amax=self._input_amax.pop(full, None), observer=cfg.observer,
                                          actorder=_actorder(cfg))
-            set_module(root, local, new.to(old.weight.device))
+            new = new.to(old.weight.device)
+            set_module(root, local, new)
+            # Hold the packed module, not the dense one: the dense weight is freed now, not when the
+            # quantizer is (the whole model's float weights otherwise outlive their layers).
+            self.targets[full] = new
 
 
     def _log_experts(self, prefix: str, names: list[str]) -> None:
@@ -207,6 +228,12 @@ class IntWeightQuantizer(LayerMethod):
 def _actorder(cfg: IntWeightConfig) -> str | None:
     """The checkpoint's ``actorder``: GPTQ's act-order uses static groups, so no g_idx."""
     return "static" if getattr(cfg, "act_order", False) else None
+
+
+def _zero_fraction(weights: list[torch.Tensor]) -> float:
+    """The fraction of exact zeros among ``weights`` together (no stacked copy)."""
+    total = sum(w.numel() for w in weights)
+    return sum(int((w == 0).sum()) for w in weights) / total if total else 0.0
 
 
 def _split_by_config(names: list[str], modules: list[nn.Linear], cfgs: list[IntWeightConfig]

@@ -79,6 +79,7 @@ FP4_MSE_FACTORS = tuple(1.0 + 0.05 * i for i in range(4, 0, -1)) + tuple(1.0 - 0
 
 class IntFormat:
     codes_dtype = torch.int8
+    row_unit = 1             # rows that share nothing with other rows (``rtn_solve_inplace`` solves them apart)
 
     def __init__(self, bits: int, group_size: int | None, symmetric: bool, observer: str,
                  scale_dtype: torch.dtype):
@@ -130,6 +131,7 @@ class FP4Format:
 
     codes_dtype = torch.uint8
     symmetric = True
+    row_unit = 1             # once ``global_scale`` is fixed, every row's blocks are its own
 
     def __init__(self, fmt: WeightFormat, observer: str = "minmax"):
         if fmt.kind not in ("nvfp4", "mxfp4"):
@@ -242,6 +244,11 @@ class FP8Format:
     @classmethod
     def from_format(cls, fmt: WeightFormat, scale_dtype: torch.dtype, observer: str) -> FP8Format:
         return cls(fmt, scale_dtype, observer)
+
+    @property
+    def row_unit(self) -> int | None:
+        """Rows sharing a scale: 1 per channel, 128 per block, None when one scale spans the tensor."""
+        return {"channel": 1, "block": 128}.get(self.strategy)
 
     def fit(self, w: torch.Tensor, col_weight: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Per-row scales (rows, groups) of ``w`` (rows, cols); with observer "mse" the scale of

@@ -29,18 +29,30 @@ log = logging.getLogger(__name__)
 MAX_DAMP_ESCALATIONS = 4
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor | None, float]:
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float, *,
+                           overwrite: bool = False) -> tuple[torch.Tensor | None, float]:
     """Upper Cholesky factor of (H + d*mean(diag H)*I)^-1, escalating d tenfold on failure.
 
-    Returns (None, last damp tried) when every attempt fails."""
-    cols = hessian.shape[0]
-    eye = torch.eye(cols, dtype=hessian.dtype, device=hessian.device)
+    Returns (None, last damp tried) when every attempt fails. ``overwrite``: damp ``hessian`` in
+    place (the caller's scratch copy, left damped) instead of a copy of it. At most two cols^2
+    matrices live besides ``hessian`` at any time (an 8B model's down_proj Hessian is 784 MiB)."""
     mean_diag = float(hessian.diagonal().mean())
+    diag = hessian.diagonal().clone() if overwrite else None
     for attempt in range(MAX_DAMP_ESCALATIONS + 1):
         d = damp * 10**attempt
-        lower, info = torch.linalg.cholesky_ex(hessian + eye * (d * mean_diag))
+        if overwrite:
+            damped = hessian
+            damped.diagonal().copy_(diag + d * mean_diag)      # the same sums as a fresh copy's
+        else:
+            damped = hessian.clone()
+            damped.diagonal().add_(d * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            inverse = torch.cholesky_inverse(lower)
+            del lower
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if int(info) == 0 and bool(torch.isfinite(upper).all()):
                 if attempt:
                     log.info("GPTQ: damping escalated to %.3g", d)
@@ -48,11 +60,13 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Te
     return None, d
 
 
-def prepare_hessian(hessian: torch.Tensor, weight: torch.Tensor, who: str) -> tuple[torch.Tensor, torch.Tensor]:
+def prepare_hessian(hessian: torch.Tensor, weight: torch.Tensor, who: str, *,
+                    own_hessian: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 copies of (H, W) ready for an error-feedback solve (GPTQ, SparseGPT): inputs that
-    were always zero get a unit diagonal and a zero weight, since their weight never mattered."""
+    were always zero get a unit diagonal and a zero weight, since their weight never mattered.
+    ``own_hessian``: ``hessian`` is the caller's to consume (a float32 one is used, not copied)."""
     w = weight.float().clone()
-    h = hessian.float().clone()
+    h = hessian.float() if own_hessian else hessian.float().clone()
     if not torch.isfinite(h).all():
         raise ValueError(f"{who}: the Hessian has inf/NaN entries; the calibration activations overflowed "
                          "(try a float32 or bfloat16 model instead of float16)")
@@ -63,15 +77,18 @@ def prepare_hessian(hessian: torch.Tensor, weight: torch.Tensor, who: str) -> tu
 
 
 def gptq_solve(hessian: torch.Tensor, weight: torch.Tensor, cfg: GPTQConfig,
-               scale_dtype: torch.dtype, fmt=None, keep: torch.Tensor | None = None) -> QuantResult:
+               scale_dtype: torch.dtype, fmt=None, keep: torch.Tensor | None = None, *,
+               own_hessian: bool = False) -> QuantResult:
     """Quantize ``weight`` (rows, cols) given the input Hessian ``hessian`` (cols, cols), on the
     grid ``fmt`` (default: a fresh one of ``cfg.weight_format``: integer, NVFP4 or MXFP4).
 
     keep: bool (rows, cols), False where the weight must come out exactly zero (a pruned model's
     mask): those weights take the code of 0 and their error is pushed onto the columns still to
-    come like any rounding error, as SparseGPT does with a fixed mask, so the sparsity survives."""
+    come like any rounding error, as SparseGPT does with a fixed mask, so the sparsity survives.
+    own_hessian: ``hessian`` is a scratch tensor the solve may overwrite (saves two in^2 copies)."""
     fmt = fmt or cfg.weight_format.solver_grid(scale_dtype, cfg.observer)
-    h, w = prepare_hessian(hessian, weight, "GPTQ")
+    h, w = prepare_hessian(hessian, weight, "GPTQ", own_hessian=own_hessian)
+    del hessian
     if keep is not None:
         keep = keep.to(device=w.device, dtype=torch.bool)
         w = w * keep
@@ -85,11 +102,13 @@ def gptq_solve(hessian: torch.Tensor, weight: torch.Tensor, cfg: GPTQConfig,
     params = fmt.fit(w, diag) if static else fmt.empty(rows, cols, w.device)
 
     perm = torch.argsort(diag, descending=True) if cfg.act_order else torch.arange(cols, device=w.device)
-    w, h = w[:, perm], h[perm][:, perm]
-    keep = keep[:, perm] if keep is not None else None
+    if cfg.act_order:                          # (the identity order needs no permuted copies)
+        w, h = w[:, perm], h[perm][:, perm]
+        keep = keep[:, perm] if keep is not None else None
     group_of = (perm // g).tolist()            # processed column -> its (natural) group
 
-    hinv, damp = inverse_hessian_factor(h, cfg.damp)
+    hinv, damp = inverse_hessian_factor(h, cfg.damp, overwrite=True)      # h is this solve's own
+    del h
     if hinv is None:
         msg = f"Cholesky failed even with damp={damp:g}; fell back to round-to-nearest"
         fresh = cfg.weight_format.solver_grid(scale_dtype, cfg.observer)
@@ -125,5 +144,7 @@ def gptq_solve(hessian: torch.Tensor, weight: torch.Tensor, cfg: GPTQConfig,
             err1[:, i] = e
         w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1.0)
 
-    inv = torch.argsort(perm)
-    return fmt.result(codes[:, inv], params, deq[:, inv], float(losses.sum()), damp=damp)
+    if cfg.act_order:
+        inv = torch.argsort(perm)
+        codes, deq = codes[:, inv], deq[:, inv]
+    return fmt.result(codes, params, deq, float(losses.sum()), damp=damp)
