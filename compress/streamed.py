@@ -24,10 +24,13 @@ directory.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import json
 import logging
 import math
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -120,9 +123,6 @@ def _return_freed_memory() -> None:
     row blocks and packing buffers is recycled inside the heap and the resident size ratchets up
     layer after layer (measured: +370 MiB per 8B-width layer). Process-wide and harmless for the
     rest of the run (a few more mmap calls); a no-op off glibc."""
-    import ctypes
-    import ctypes.util
-    import sys
     if not sys.platform.startswith("linux"):
         return
     try:

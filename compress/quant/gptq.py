@@ -33,30 +33,37 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float, *,
                            overwrite: bool = False) -> tuple[torch.Tensor | None, float]:
     """Upper Cholesky factor of (H + d*mean(diag H)*I)^-1, escalating d tenfold on failure.
 
-    Returns (None, last damp tried) when every attempt fails. ``overwrite``: damp ``hessian`` in
-    place (the caller's scratch copy, left damped) instead of a copy of it. At most two cols^2
-    matrices live besides ``hessian`` at any time (an 8B model's down_proj Hessian is 784 MiB)."""
+    Returns (None, last damp tried) when every attempt fails. ``overwrite``: ``hessian`` is the
+    caller's scratch copy: it is damped in place and its storage is released once its Cholesky
+    factor exists (left empty), so at most two cols^2 matrices live at a time, ``hessian``
+    included (an 8B model's down_proj Hessian is 784 MiB in float32; without it, three)."""
     mean_diag = float(hessian.diagonal().mean())
-    diag = hessian.diagonal().clone() if overwrite else None
+    diag = hessian.diagonal().clone()
+    h = hessian if overwrite else hessian.clone()
+    lower = None
     for attempt in range(MAX_DAMP_ESCALATIONS + 1):
         d = damp * 10**attempt
-        if overwrite:
-            damped = hessian
-            damped.diagonal().copy_(diag + d * mean_diag)      # the same sums as a fresh copy's
-        else:
-            damped = hessian.clone()
-            damped.diagonal().add_(d * mean_diag)
-        lower, info = torch.linalg.cholesky_ex(damped)
-        del damped
-        if int(info) == 0:
-            inverse = torch.cholesky_inverse(lower)
-            del lower
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            del inverse
-            if int(info) == 0 and bool(torch.isfinite(upper).all()):
-                if attempt:
-                    log.info("GPTQ: damping escalated to %.3g", d)
-                return upper, d
+        if lower is not None:
+            # The inverse's factor failed after H's succeeded (rare): H was released, rebuild it.
+            h = lower @ lower.mT
+            lower = None
+        h.diagonal().copy_(diag + d * mean_diag)                 # the same sums as a fresh copy's
+        lower, info = torch.linalg.cholesky_ex(h)
+        if int(info) != 0:
+            lower = None
+            continue
+        h.set_()                                                 # release H's storage (the caller's tensor too)
+        del h
+        # The factor is kept until the end for a rebuild of H if the next step fails; the upper factor
+        # overwrites the inverse (the same values as a separate output), so two matrices at most.
+        upper = torch.cholesky_inverse(lower)
+        info = torch.empty((), dtype=torch.int32, device=upper.device)
+        torch.linalg.cholesky_ex(upper, upper=True, out=(upper, info))
+        if int(info) == 0 and bool(torch.isfinite(upper).all()):
+            if attempt:
+                log.info("GPTQ: damping escalated to %.3g", d)
+            return upper, d
+        del upper
     return None, d
 
 
