@@ -29,6 +29,16 @@ log = logging.getLogger(__name__)
 MAX_DAMP_ESCALATIONS = 4
 
 
+def all_finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """No NaN or inf in ``t``, checked a block of rows at a time (``isfinite(t).all()`` on the whole
+    tensor peaks at 1.75x a float32 tensor's bytes: 1.4 GB on an 8B model's down_proj Hessian). Row
+    blocks are views whatever the layout (LAPACK's outputs are column-major)."""
+    if t.dim() == 0:
+        return bool(torch.isfinite(t))
+    step = max(1, chunk // max(1, t[0].numel()))
+    return all(bool(torch.isfinite(block).all()) for block in t.split(step, dim=0))
+
+
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float, *,
                            overwrite: bool = False) -> tuple[torch.Tensor | None, float]:
     """Upper Cholesky factor of (H + d*mean(diag H)*I)^-1, escalating d tenfold on failure.
@@ -59,7 +69,7 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float, *,
         upper = torch.cholesky_inverse(lower)
         info = torch.empty((), dtype=torch.int32, device=upper.device)
         torch.linalg.cholesky_ex(upper, upper=True, out=(upper, info))
-        if int(info) == 0 and bool(torch.isfinite(upper).all()):
+        if int(info) == 0 and all_finite(upper):
             if attempt:
                 log.info("GPTQ: damping escalated to %.3g", d)
             return upper, d
@@ -72,9 +82,13 @@ def prepare_hessian(hessian: torch.Tensor, weight: torch.Tensor, who: str, *,
     """float32 copies of (H, W) ready for an error-feedback solve (GPTQ, SparseGPT): inputs that
     were always zero get a unit diagonal and a zero weight, since their weight never mattered.
     ``own_hessian``: ``hessian`` is the caller's to consume (a float32 one is used, not copied)."""
-    w = weight.float().clone()
-    h = hessian.float() if own_hessian else hessian.float().clone()
-    if not torch.isfinite(h).all():
+    w = weight.float()
+    if w is weight:                                   # float32 already: copy; otherwise .float() copied
+        w = w.clone()
+    h = hessian.float()
+    if h is hessian and not own_hessian:
+        h = h.clone()
+    if not all_finite(h):
         raise ValueError(f"{who}: the Hessian has inf/NaN entries; the calibration activations overflowed "
                          "(try a float32 or bfloat16 model instead of float16)")
     dead = h.diagonal() == 0

@@ -273,9 +273,11 @@ def test_smollm2_to_100m_keeps_head_dim_and_reloads(tmp_path):
     require_smollm2()
     model, tok = compress.load_model(SMOLLM2)
     data = compress.calibration_data(tok, SHARED_DATA / "wikitext-2" / "valid.txt", samples=2, seqlen=128)
-    records = compress.prune(model, MinitronConfig(target_params=100e6), calib=data, progress=False)
+    records = compress.prune(model, MinitronConfig(target_params=100e6, hidden_multiple=48), calib=data,
+                             progress=False)
     c = model.config
-    assert c.head_dim == 64 and c.hidden_size % c.num_attention_heads == 0 and c.hidden_size % 64 == 0
+    assert c.head_dim == 64 and c.hidden_size % c.num_attention_heads == 0
+    assert (c.hidden_size, c.intermediate_size) == (432, 1472)              # the hidden size did shrink
     assert records["model"].params_after == nparams(model)
     assert abs(nparams(model) - 100e6) <= 0.02 * 100e6
     ids = data.input_ids[:1, :32]
