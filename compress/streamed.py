@@ -45,7 +45,7 @@ from .api import quantize
 
 from .conv1d import transposed_weights
 from .engine import engine_context
-from .guards import check_finite
+from .guards import _non_finite, check_finite
 from .errors import CheckpointError, ConfigError, ModelLoadError
 from .loading import _load_tokenizer, resolve_dtype, resolve_source
 from .modeling import find_decoder_layers
@@ -308,8 +308,15 @@ class LayerStreamer:
         outside the layers (an untied lm_head quantized too). The others are copied from the source
         to the output one at a time at the end (``write_outside``): an 8B model's embeddings and
         lm_head are 1 GB in bf16, more than a layer."""
-        keys = list(self._outside())
-        self._load(keys if calibrated else [k for k in keys if k.rpartition(".")[0] in self.outside_targets])
+        outside = self._outside()
+        keys = list(outside) if calibrated else [k for k in outside if k.rpartition(".")[0] in self.outside_targets]
+        for key in [k for k in outside if k not in keys]:
+            # Not kept, but checked now as a loaded model's would be (not after an hour of layers).
+            bad = _non_finite(self._read(key, outside[key]))
+            if bad:
+                raise CheckpointError(f"{key} has {bad} NaN/inf value{'s' if bad != 1 else ''}; the checkpoint "
+                                      f"is corrupt or was saved from a diverged run: re-download or re-export it")
+        self._load(keys)
         self.model.tie_weights()
 
     def _free_outside(self) -> None:

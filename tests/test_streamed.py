@@ -244,3 +244,17 @@ def test_refuses_non_finite_layer_weights_like_the_in_memory_path(tmp_path, toke
     with pytest.raises(CheckpointError, match=r"model.layers.1: .*up_proj.weight has 1 NaN"):
         compress.quantize_streaming(src, CASES["rtn-int4-g32"], tmp_path / "o", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_refuses_non_finite_embeddings_though_they_are_not_held(tmp_path, tokenizer, calibrated):
+    """Without calibration the embeddings are never loaded into the model, only copied at the end:
+    they are still checked, before any layer, as the in-memory path checks a loaded model."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[3, 1] = float("inf")
+    src = _source(tmp_path, tokenizer, model)
+    cfg, calib = (compress.GPTQConfig(bits=4, group_size=32), CALIB) if calibrated else (CASES["rtn-int4-g32"], None)
+    with pytest.raises(CheckpointError, match=r"embed_tokens.weight has 1 NaN/inf"):
+        compress.quantize_streaming(src, cfg, tmp_path / "o", calib, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
